@@ -1,0 +1,360 @@
+"""The one typed configuration: frozen dataclasses loaded once from the topology TOML.
+
+Owns: the schema of the topology file (every key, its type, its default and a
+one-line doc beside it), loading and checking it, and :func:`describe` for
+``intermail config defaults``.
+
+Invariants:
+
+- Every key has a default, so ``load(None)`` (no file) is a complete, valid
+  configuration (the embedded single-machine cluster starts from it).
+  The only exceptions are the ``name`` and ``kind`` of an ``[[instance]]``
+  entry, which mean nothing without a value.
+- A key the schema does not know is an error, never silently ignored: a typo
+  in ``segment_bytes`` must not leave a store running on the default.
+- Values are checked when a :class:`Config` is built, whether from a file or
+  in code, so a ``Config`` that exists is valid.
+- A ``Config`` is immutable (frozen dataclasses, tuples, read-only mappings)
+  and passed down to whoever needs it; nothing keeps one in a module global.
+
+Logs: nothing; errors are raised as :class:`ConfigError` naming the file and
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from intermail.errors import ErrorKind, MailError
+
+MiB = 1024 * 1024
+
+INSTANCE_KINDS = frozenset({"mta", "access", "directory", "mss", "dns", "monitor"})
+INSTANCE_ROLES = frozenset({"", "active", "spare", "primary", "replica"})
+PORT_NAMES = frozenset({"smtp", "submission", "lmtp", "imap", "pop3", "rpc", "dns", "metrics"})
+LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+LOG_FORMATS = frozenset({"json", "text"})
+LOOPS = frozenset({"auto", "asyncio", "uvloop"})
+
+
+class ConfigError(MailError):
+    """The topology file (or a Config built in code) is unreadable or invalid."""
+
+    def __init__(self, detail: str):
+        super().__init__(ErrorKind.INVALID, safe="invalid configuration", detail=detail)
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class _Invalid(ConfigError):
+    """One key failed its check; :func:`from_dict` re-raises it naming the file."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+def _key(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING,
+         minimum: float | None = None, choices: frozenset[str] | None = None,
+         required: bool = False) -> Any:
+    """A schema field: default, one-line doc, and the checks its value must pass."""
+    metadata = {"doc": doc, "min": minimum, "choices": choices, "required": required}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Run the per-field checks declared in the metadata (min, choices, required)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        _check_type(key, value, hints[f.name])
+        if f.metadata.get("required") and value == "":
+            raise _Invalid(key, "is required")
+        minimum = f.metadata.get("min")
+        if minimum is not None and value < minimum:
+            raise _Invalid(key, f"must be at least {minimum}, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise _Invalid(key, f"must be one of {sorted(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    zone: str = _key("intermail.test", "DNS zone that names the cluster (mta., imap., pop., dir., mssN.)")
+    data_dir: str = _key("", "directory for cluster state; empty: the --data option, $INTERMAIL_DATA or ./intermail-data")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "cluster.")
+        if not self.zone or self.zone.startswith(".") or " " in self.zone:
+            raise _Invalid("cluster.zone", f"not a DNS name: {self.zone!r}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    segment_bytes: int = _key(64 * MiB, "journal segment size before rolling over to a new segment file", minimum=4096)
+    mirrors: int = _key(2, "number of mirror directories the MTA queue writes to (I-5)", minimum=1)
+    group_commit_max_records: int = _key(4096, "most journal records one fsync may commit (I-2)", minimum=1)
+    group_commit_max_bytes: int = _key(8 * MiB, "most journal bytes one fsync may commit (I-2)", minimum=1)
+    checkpoint_interval_bytes: int = _key(256 * MiB, "journal bytes between index checkpoints (bounds replay time)", minimum=1)
+    fsync: bool = _key(True, "fsync files and directories before acknowledging; false only for throw-away tests")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "storage.")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _key("INFO", "lowest level written: DEBUG, INFO, WARNING, ERROR or CRITICAL", choices=LOG_LEVELS)
+    format: str = _key("json", "json: one JSON object per line; text: human-readable lines", choices=LOG_FORMATS)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "log.")
+
+    @property
+    def level_number(self) -> int:
+        return logging.getLevelName(self.level)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    message_size: int = _key(32 * MiB, "largest message accepted, in bytes (SMTP SIZE, IMAP APPEND)", minimum=1)
+    line_length: int = _key(1000, "longest protocol line accepted, in bytes including CRLF (RFC 5321 4.5.3.1.6)", minimum=80)
+    recipients: int = _key(1000, "most recipients per message", minimum=1)
+    connections_per_ip: int = _key(20, "most simultaneous connections from one client address", minimum=1)
+    command_timeout: float = _key(300.0, "seconds a client may take to finish one command (RFC 5321 4.5.3.2)", minimum=0.001)
+    idle_timeout: float = _key(1800.0, "seconds an authenticated session may sit idle (RFC 9051 5.4)", minimum=0.001)
+    auth_failures_before_delay: int = _key(3, "failed logins on one connection before replies are delayed", minimum=0)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "limits.")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    loop: str = _key("auto", "event loop: auto (uvloop when installed), asyncio or uvloop", choices=LOOPS)
+    drain_timeout: float = _key(10.0, "seconds live connections get to finish after SIGTERM before they are cancelled", minimum=0.0)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "runner.")
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    name: str = _key("", "unique instance name, e.g. mta1", required=True)
+    kind: str = _key("", "server kind: mta, access, directory, mss, dns or monitor", required=True,
+                     choices=INSTANCE_KINDS | {""})
+    address: str = _key("127.0.0.1", "IP address the instance binds (its own 127.0.n.k on one machine)")
+    ports: Mapping[str, int] = _key(doc="port per service name (smtp, submission, lmtp, imap, pop3, rpc, dns, metrics); 0 = any free port",
+                                    factory=lambda: types.MappingProxyType({}))
+    role: str = _key("", "active, spare, primary or replica; empty when the kind has no roles", choices=INSTANCE_ROLES)
+    identity: str = _key("", "store identity an mss instance serves (mss1); empty for other kinds")
+    store_dirs: tuple[str, ...] = _key((), "store or queue directories, one per mirror; the first is the primary copy")
+
+    def __post_init__(self) -> None:
+        # Callers building instances in code may pass a plain dict or list;
+        # freeze them so the Config stays immutable all the way down.
+        object.__setattr__(self, "ports", types.MappingProxyType(dict(self.ports)))
+        object.__setattr__(self, "store_dirs", tuple(self.store_dirs))
+        prefix = f"instance[{self.name or '?'}]."
+        _check_fields(self, prefix)
+        for port_name, port in self.ports.items():
+            if port_name not in PORT_NAMES:
+                raise _Invalid(f"{prefix}ports.{port_name}", f"unknown port name; known: {sorted(PORT_NAMES)}")
+            if not 0 <= port <= 65535:
+                raise _Invalid(f"{prefix}ports.{port_name}", f"must be 0..65535, got {port}")
+        if self.identity and self.kind != "mss":
+            raise _Invalid(f"{prefix}identity", "only an mss instance has a store identity")
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    instances: tuple[InstanceConfig, ...] = ()
+    source: str | None = field(default=None, compare=False)  # file it came from; None = defaults
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "instances", tuple(self.instances))
+        seen: set[str] = set()
+        for inst in self.instances:
+            if inst.name in seen:
+                raise _Invalid(f"instance[{inst.name}].name", "duplicate instance name")
+            seen.add(inst.name)
+
+    def instance(self, name: str) -> InstanceConfig:
+        """The ``[[instance]]`` entry called ``name`` (KeyError when there is none)."""
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        raise KeyError(name)
+
+    def with_data_dir(self, data_dir: str) -> Config:
+        """A copy whose ``cluster.data_dir`` is ``data_dir`` (the CLI's --data wins over the file)."""
+        return dataclasses.replace(self, cluster=dataclasses.replace(self.cluster, data_dir=data_dir))
+
+
+# Top-level TOML tables and the dataclass each one fills.  ``[[instance]]`` is
+# the one array of tables; it fills Config.instances.
+SECTIONS: dict[str, type] = {
+    "cluster": ClusterConfig,
+    "storage": StorageConfig,
+    "log": LogConfig,
+    "limits": LimitsConfig,
+    "runner": RunnerConfig,
+}
+INSTANCE_TABLE = "instance"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return "a boolean"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is tuple:
+        return f"an array of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    if origin in (Mapping, dict):
+        return f"a table of {_type_name(typing.get_args(tp)[1]).split(' ', 1)[1]}s"
+    return str(tp)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> None:
+    """Raise _Invalid unless ``value`` (already converted) has type ``tp``."""
+    origin = typing.get_origin(tp)
+    # bool is an int subclass: `segment_bytes = true` must not pass as 1.
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp in (bool, str):
+        ok = isinstance(value, tp)
+    elif origin is tuple:
+        item = typing.get_args(tp)[0]
+        ok = isinstance(value, tuple)
+        if ok:
+            for i, element in enumerate(value):
+                _check_type(f"{key}[{i}]", element, item)
+    elif origin in (Mapping, dict):
+        item = typing.get_args(tp)[1]
+        ok = isinstance(value, Mapping)
+        if ok:
+            for sub, element in value.items():
+                _check_type(f"{key}.{sub}", element, item)
+    else:  # pragma: no cover - a schema type this checker was not taught
+        raise TypeError(f"config schema type {tp!r} of {key} is not supported")
+    if not ok:
+        raise _Invalid(key, f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """Turn a TOML value into the schema's immutable type, checking it."""
+    origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(value, list):
+        value = tuple(value)
+    elif origin in (Mapping, dict) and isinstance(value, dict):
+        value = types.MappingProxyType(dict(value))
+    elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    _check_type(key, value, tp)
+    return value
+
+
+def _build(cls: type, table: Any, prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise _Invalid(prefix.rstrip("."), f"must be a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in table.items():
+        if name not in known:
+            raise _Invalid(f"{prefix}{name}", f"unknown key; known keys: {', '.join(sorted(known))}")
+        kwargs[name] = _convert(f"{prefix}{name}", value, hints[name])
+    for name, f in known.items():
+        if f.metadata.get("required") and name not in kwargs:
+            raise _Invalid(f"{prefix}{name}", "is required")
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any], source: str | None = None) -> Config:
+    """Build a Config from parsed TOML; raises ConfigError naming ``source`` and the key."""
+    where = source or "<config>"
+    try:
+        sections = {}
+        instances: list[InstanceConfig] = []
+        for name, value in data.items():
+            if name in SECTIONS:
+                sections[name] = _build(SECTIONS[name], value, f"{name}.")
+            elif name == INSTANCE_TABLE:
+                if not isinstance(value, list):
+                    raise _Invalid(name, "must be an array of tables: write [[instance]]")
+                for i, entry in enumerate(value):
+                    label = entry.get("name", i) if isinstance(entry, dict) else i
+                    instances.append(_build(InstanceConfig, entry, f"instance[{label}]."))
+            else:
+                known = sorted([*SECTIONS, INSTANCE_TABLE])
+                raise _Invalid(name, f"unknown section or key; known: {', '.join(known)}")
+        return Config(**sections, instances=tuple(instances), source=source)
+    except _Invalid as exc:
+        raise ConfigError(f"{where}: {exc.key}: {exc.problem}") from None
+
+
+def load(path: str | Path | None) -> Config:
+    """Load the topology file at ``path``; ``None`` gives the all-defaults Config."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(data, source=str(path))
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return dict(value) if isinstance(value, Mapping) else value
+    return None
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """Every key as ``(dotted key, default, doc)``, in file order.
+
+    Instance keys are listed as ``instance[].key``; a required key's default
+    is shown as ``None``.
+    """
+    rows: list[tuple[str, Any, str]] = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", _default_of(f), f.metadata["doc"]))
+    for f in dataclasses.fields(InstanceConfig):
+        default = None if f.metadata.get("required") else _default_of(f)
+        rows.append((f"{INSTANCE_TABLE}[].{f.name}", default, f.metadata["doc"]))
+    return rows
