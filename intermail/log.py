@@ -55,6 +55,7 @@ _CATALOGUE: dict[str, str] = {
     "storage.checkpoint": "the index was checkpointed at a journal sequence number",
     "storage.segment_retired": "a journal segment no longer needed for recovery or backup was removed",
     "storage.mirror_repaired": "bad or missing bytes on one mirror were rewritten from a good copy (I-5)",
+    "storage.index_rebuilt": "the index was damaged or ahead of the journal and was rebuilt from checkpoint + journal",
     "storage.tail_cut": "a torn tail (a frame without its commit marker) was cut at open (I-3)",
     "storage.failed": "the store can no longer write (no healthy mirror, or an I/O error); commits fail",
     "storage.checkpoint_failed": "an automatic checkpoint or compaction failed; it is retried later",
