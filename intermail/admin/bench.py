@@ -1,0 +1,63 @@
+"""``intermail bench WHAT [--json]``: benchmarks that print our figure, a baseline from the same run, and the ratio.
+
+Each benchmark lives in its own module (``bench_<what>.py``) and returns the
+JSON contract of ARCHITECTURE.md: ``{"bench": ..., "results": [{"case",
+"params", "metric", "ours", "baseline", "baseline_name", "ratio"}], "host":
+{...}}``.  This module only parses arguments and prints.
+
+Logs: nothing; prints a table, or one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("values must be positive")
+    return values
+
+
+def _print_row(result: dict) -> None:
+    ratio = "-" if result["ratio"] is None else f"{result['ratio']:.2f}x"
+    print(f"{result['case']:<40} ours {result['ours']:>12,.1f} {result['metric']:<10} "
+          f"baseline {result['baseline']:>12,.1f}  ratio {ratio}", flush=True)
+
+
+def _run_storage(args: argparse.Namespace) -> int:
+    from intermail.admin.bench_storage import run_bench
+
+    progress = None if args.json else _print_row
+    if not args.json:
+        print(f"storage bench: {args.size} B records, {args.seconds:g} s per case; baseline = "
+              "pwrite+fdatasync per record, one writer, same directory", flush=True)
+    report = asyncio.run(run_bench(args.dir, args.writers, args.mirrors, args.size, args.seconds, progress))
+    if args.json:
+        json.dump(report, sys.stdout)
+        print()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark against a baseline measured in the same run")
+    whats = parser.add_subparsers(dest="bench_what", metavar="{storage}", required=True)
+    storage = whats.add_parser("storage", help="durable log commits/s vs raw write+fdatasync of the same disk")
+    storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    storage.add_argument("--dir", default=None,
+                         help="directory on the disk to measure (default: the system temp directory)")
+    storage.add_argument("--writers", type=_int_list, default=[1, 16, 128],
+                         help="comma-separated concurrent writer counts (default 1,16,128)")
+    storage.add_argument("--mirrors", type=_int_list, default=[1, 2],
+                         help="comma-separated mirror counts (default 1,2)")
+    storage.add_argument("--size", type=int, default=10240, help="record size in bytes (default 10240)")
+    storage.add_argument("--seconds", type=float, default=3.0, help="measuring time per case (default 3)")
+    storage.set_defaults(run=_run_storage)
