@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -60,6 +61,8 @@ T = TypeVar("T")
 
 OPEN_ATTEMPTS = 5  # listings retried when a former owner raced our open (see _open_sync)
 CLAIM_BUSY_MS = 1000  # how long a take-over waits for the index's write lock
+APPLY_BATCH = 512  # acknowledged frames gathered before the indexer is woken ...
+APPLY_DELAY = 0.005  # ... or after this many seconds, or when a reader waits
 INLINE_MAX_FRAMES = 2  # a flush this small runs on the event loop thread ...
 INLINE_MAX_BYTES = 128 << 10  # ... when it is also this small
 
@@ -180,11 +183,16 @@ class Store:
         self._next_seq = 1
         self._next_blob_id = 1
         self._acked_seq = 0
+        self._unapplied: list = []  # acknowledged frames not yet handed to the indexer
+        self._apply_timer: asyncio.TimerHandle | None = None
         self._last_written = 0
         self._apply_waiters: list[tuple[int, asyncio.Future]] = []
         # (seq, encoded frame size, records, future) waiting for a flush
         self._pending: list[tuple[int, int, list[tuple[int, bytes]], asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
+        self._kick_scheduled = False
+        self._flushing = False  # a batch is on the writer thread
+        self._idle = asyncio.Event()  # set when no batch is in flight
+        self._idle.set()
         self._failure: MailError | None = None
         self._since_checkpoint = 0
         self._checkpoint_task: asyncio.Task | None = None
@@ -490,34 +498,53 @@ class Store:
         # beside the event loop.
         future = self._loop.create_future()
         self._pending.append((seq, rec.frame_size(records), records, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = self._loop.create_task(self._flush_loop())
+        if not self._kick_scheduled and not self._flushing:
+            # Flush after the commits made in this loop iteration have joined.
+            self._kick_scheduled = True
+            self._loop.call_soon(self._kick)
         return await future
 
-    async def _flush_loop(self) -> None:
-        loop = self._loop
-        while self._pending:
+    def _kick(self) -> None:
+        """Flush what is queued: inline for a lone small commit, else on the writer thread.
+
+        One batch at a time; commits made while it is in flight queue up and
+        form the next batch (I-2). Plain callbacks, not a task: at one
+        writer, a task per commit costs more than the rest of the loop's work.
+        """
+        self._kick_scheduled = False
+        while self._pending and not self._flushing and self._failure is None:
             batch = self._take_batch()
             try:
-                frames = None
                 if len(batch) <= INLINE_MAX_FRAMES and sum(b[1] for b in batch) <= INLINE_MAX_BYTES:
                     # A lone small commit is flushed right here: handing a single
                     # fdatasync to a thread costs two thread wake-ups, about as much
-                    # as the sync itself. Larger batches go to the writer thread so
-                    # the loop keeps accepting work meanwhile.
+                    # as the sync itself.
                     frames = self._append(batch, blocking=False)
-                if frames is not None:
-                    self._acknowledge(batch)
-                    self._indexer.submit(self._apply, frames)
-                else:
-                    await loop.run_in_executor(self._writer, self._write_batch, batch)
-            except MailError as exc:
-                self._fail(exc, batch)
-                return
-            except BaseException as exc:  # a bug or an I/O error outside the mirrors
+                    if frames is not None:
+                        self._acknowledge(batch)
+                        self._queue_apply(frames)
+                        self._maybe_checkpoint()
+                        continue
+            except BaseException as exc:
                 self._fail(self._as_failure(exc), batch)
                 return
-            self._maybe_checkpoint()
+            self._flushing = True
+            self._idle.clear()
+            job = self._loop.run_in_executor(self._writer, self._write_batch, batch)
+            job.add_done_callback(functools.partial(self._flushed, batch))
+            return
+        if not self._flushing:
+            self._idle.set()
+
+    def _flushed(self, batch: list, job: asyncio.Future) -> None:
+        self._flushing = False
+        exc = job.exception()
+        if exc is not None:
+            self._fail(self._as_failure(exc), batch)
+            self._idle.set()
+            return
+        self._maybe_checkpoint()
+        self._kick()
 
     def _as_failure(self, exc: BaseException) -> MailError:
         if isinstance(exc, MailError):
@@ -548,9 +575,31 @@ class Store:
             else:
                 self._apply_waiters.append((target, future))
 
+    def _queue_apply(self, frames: list) -> None:
+        """Loop thread: hand acknowledged frames to the indexer, in batches.
+
+        Applying in batches (when enough have gathered, after APPLY_DELAY, or
+        at once when a reader waits) makes fewer SQLite transactions and fewer
+        thread wake-ups competing with the flush path for the GIL.
+        """
+        self._unapplied.extend(frames)
+        if len(self._unapplied) >= APPLY_BATCH or self._apply_waiters:
+            self._submit_apply()
+        elif self._apply_timer is None:
+            self._apply_timer = self._loop.call_later(APPLY_DELAY, self._submit_apply)
+
+    def _submit_apply(self) -> None:
+        if self._apply_timer is not None:
+            self._apply_timer.cancel()
+            self._apply_timer = None
+        if self._unapplied:
+            frames, self._unapplied = self._unapplied, []
+            self._indexer.submit(self._apply, frames)
+
     async def _caught_up(self) -> None:
         """Read-your-writes: wait until the index holds every acknowledged commit."""
         target = self._acked_seq
+        self._submit_apply()
         while self.index.applied_seq < target:
             if self._failure is not None:
                 raise self._failure
@@ -616,7 +665,7 @@ class Store:
         """
         frames = self._append(batch)
         self._loop.call_soon_threadsafe(self._acknowledge, batch)
-        self._indexer.submit(self._apply, frames)
+        self._loop.call_soon_threadsafe(self._queue_apply, frames)
 
     def _fail(self, exc: MailError, batch: list) -> None:
         """The store can no longer write: fail this batch and everything after it."""
@@ -764,6 +813,7 @@ class Store:
         self._check_usable()
         async with self._checkpoint_lock:
             loop = self._loop
+            await self._caught_up()  # the checkpoint covers every commit acknowledged before it
             try:
                 # Seal the current segment so everything before the checkpoint is retirable.
                 await loop.run_in_executor(self._writer, self._rotate_sync)
@@ -910,17 +960,18 @@ class Store:
     async def close(self) -> None:
         if self._closed:
             return
-        if self._flusher is not None:
-            try:
-                await self._flusher
-            except Exception:
-                pass
+        while (self._pending or self._flushing) and self._failure is None:
+            await self._idle.wait()
+            await asyncio.sleep(0)
+        while self._flushing:
+            await self._idle.wait()
         if self._checkpoint_task is not None:
             try:
                 await self._checkpoint_task
             except Exception:
                 pass
         self._closed = True
+        self._submit_apply()
         self._indexer.shutdown(wait=True)
         await self._loop.run_in_executor(self._writer, self._close_sync)
         self._writer.shutdown(wait=True)
@@ -936,6 +987,8 @@ class Store:
     def _close_sync(self) -> None:
         self.journal.close()
         self.index.close()
+        if self.fence is not None:
+            self.fence.close()
 
 
 # -- offline tools -------------------------------------------------------------------------------
