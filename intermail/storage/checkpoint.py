@@ -63,21 +63,7 @@ def encode(seq: int, epoch: int, records: Iterable[tuple[int, bytes]]) -> Iterat
 
 
 def write(fileops: FileOps, mirror: str, seq: int, pieces: list[bytes]) -> None:
-    path = os.path.join(mirror, name(seq))
-    tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        fileops.remove(tmp)
-    fd = fileops.open_write(tmp, create=True)
-    try:
-        pos = 0
-        for piece in pieces:
-            fileops.pwrite(fd, tmp, piece, pos)
-            pos += len(piece)
-        fileops.sync_file(fd, tmp)
-    finally:
-        fileops.close(fd)
-    fileops.rename(tmp, path)
-    fileops.sync_dir(mirror)
+    fileops.write_atomic(os.path.join(mirror, name(seq)), pieces)
 
 
 def read(fileops: FileOps, mirror: str, seq: int) -> list[tuple[int, bytes]]:

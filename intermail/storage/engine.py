@@ -446,19 +446,18 @@ class Store:
         if not seqs:
             return
         latest = seqs[-1]
-        pieces: list[bytes] | None = None
+        holders = [m for m in mirrors if os.path.exists(os.path.join(m.path, ckpt.name(latest)))]
+        content: bytes | None = None
         for mirror in mirrors:
-            path = os.path.join(mirror.path, ckpt.name(latest))
-            if not os.path.exists(path):
-                if pieces is None:
+            if mirror not in holders:
+                if content is None:
                     try:
-                        pieces = [self.fileops.read_all(os.path.join(m.path, ckpt.name(latest)))
-                                  for m in mirrors if os.path.exists(os.path.join(m.path, ckpt.name(latest)))][:1]
+                        content = self.fileops.read_all(os.path.join(holders[0].path, ckpt.name(latest)))
                     except OSError:
-                        pieces = []
-                if pieces:
+                        content = b""
+                if content:
                     try:
-                        ckpt.write(self.fileops, mirror.path, latest, pieces)
+                        ckpt.write(self.fileops, mirror.path, latest, [content])
                         self._event("storage.mirror_repaired", mirror=mirror.path, checkpoint=latest)
                     except OSError as exc:
                         self.journal.degrade(mirror, exc)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 
@@ -151,14 +151,20 @@ class FileOps:
         return os.fstat(fd)
 
     # -- whole small files (EPOCH, manifests) --------------------------------
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Replace ``path`` durably: temp file, fdatasync, rename, fsync dir."""
+    def write_atomic(self, path: str, data: bytes | Iterable[bytes]) -> None:
+        """Replace ``path`` durably: temp file, fdatasync, rename, fsync dir.
+
+        ``data`` is the content, or its pieces in order (a checkpoint's frames).
+        """
         tmp = f"{path}.tmp"
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            self.remove(tmp)
         fd = self.open_write(tmp, create=True)
         try:
-            self.pwrite(fd, tmp, data, 0)
+            pos = 0
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                self.pwrite(fd, tmp, piece, pos)
+                pos += len(piece)
             self.sync_file(fd, tmp)
         finally:
             self.close(fd)
@@ -233,7 +239,7 @@ class FaultyFileOps(FileOps):
         self._check(dst)
         super().rename_noreplace(src, dst)
 
-    def write_atomic(self, path: str, data: bytes) -> None:
+    def write_atomic(self, path: str, data: bytes | Iterable[bytes]) -> None:
         self._check(path)
         super().write_atomic(path, data)
 

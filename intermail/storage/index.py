@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS _blobs(
 );
 CREATE INDEX IF NOT EXISTS _blobs_segment ON _blobs(segment);
 """
+PUT_BLOB = "INSERT OR REPLACE INTO _blobs(id, segment, offset, length, sha256) VALUES (?,?,?,?,?)"
 
 
 class Applier(Protocol):
@@ -159,8 +160,7 @@ class Index:
             if rtype == rec.REC_BLOB:
                 blob_id, digest, length = rec.parse_blob(payload)
                 offset = frame_offset + pos + rec.BLOB_HEAD_SIZE
-                conn.execute("INSERT OR REPLACE INTO _blobs(id, segment, offset, length, sha256) VALUES (?,?,?,?,?)",
-                             (blob_id, segment, offset, length, digest))
+                conn.execute(PUT_BLOB, (blob_id, segment, offset, length, digest))
                 if blob_id >= self._next_blob:
                     self._next_blob = blob_id + 1
             elif rtype == rec.REC_MOVE:
@@ -172,8 +172,7 @@ class Index:
             elif rtype == rec.REC_FREE:
                 conn.executemany("DELETE FROM _blobs WHERE id = ?", [(i,) for i in rec.parse_free(payload)])
             elif rtype == rec.REC_BLOBLOC:
-                conn.execute("INSERT OR REPLACE INTO _blobs(id, segment, offset, length, sha256) VALUES (?,?,?,?,?)",
-                             rec.parse_blobloc(payload))
+                conn.execute(PUT_BLOB, rec.parse_blobloc(payload))
             elif rtype in (rec.REC_END, rec.REC_NEXT_BLOB):
                 pass  # checkpoint-only records
             elif rtype >= rec.FIRST_CONSUMER_TYPE:
@@ -189,8 +188,7 @@ class Index:
             self._set("epoch", epoch)
             for rtype, payload in records:
                 if rtype == rec.REC_BLOBLOC:
-                    conn.execute("INSERT OR REPLACE INTO _blobs(id, segment, offset, length, sha256) "
-                                 "VALUES (?,?,?,?,?)", rec.parse_blobloc(payload))
+                    conn.execute(PUT_BLOB, rec.parse_blobloc(payload))
                 elif rtype == rec.REC_NEXT_BLOB:
                     self._set("next_blob_id", struct.unpack("<Q", payload)[0])
                 elif rtype >= rec.FIRST_CONSUMER_TYPE:

@@ -321,11 +321,7 @@ class Journal:
             pos = rec.SEG_HEADER_SIZE
             try:
                 while True:
-                    head = self._pread(mirror, segment, rec.FRAME_HEADER_SIZE, pos)
-                    _, _, size = rec.frame_header(head)
-                    rec.decode_frame(head + self._pread(mirror, segment, size - rec.FRAME_HEADER_SIZE,
-                                                        pos + rec.FRAME_HEADER_SIZE))
-                    pos += size
+                    pos += self._read_frame(mirror, segment, pos)[0].size
             except (OSError, rec.FrameError):
                 pass
             best = max(best, pos)
@@ -426,17 +422,22 @@ class Journal:
                 self._cut_tail(n, pos)
                 seg.end = pos
 
+    def _read_frame(self, mirror: Mirror, segment: int, pos: int,
+                    limit: int | None = None) -> tuple[rec.Frame, bytes]:
+        """The verified frame at ``pos`` on one mirror, and its bytes (FrameError if none)."""
+        head = self._pread(mirror, segment, rec.FRAME_HEADER_SIZE, pos)
+        _, _, size = rec.frame_header(head)
+        if limit is not None and pos + size > limit:
+            raise rec.FrameError("frame crosses the seal")
+        data = head + self._pread(mirror, segment, size - rec.FRAME_HEADER_SIZE, pos + rec.FRAME_HEADER_SIZE)
+        return rec.decode_frame(data), data
+
     def _frame_with_repair(self, segment: int, pos: int, limit: int | None) -> rec.Frame | None:
         good: tuple[rec.Frame, bytes] | None = None
         bad: list[Mirror] = []
         for mirror in self.healthy():
             try:
-                head = self._pread(mirror, segment, rec.FRAME_HEADER_SIZE, pos)
-                _, _, size = rec.frame_header(head)
-                if limit is not None and pos + size > limit:
-                    raise rec.FrameError("frame crosses the seal")
-                data = head + self._pread(mirror, segment, size - rec.FRAME_HEADER_SIZE, pos + rec.FRAME_HEADER_SIZE)
-                frame = rec.decode_frame(data)
+                frame, data = self._read_frame(mirror, segment, pos, limit)
             except (OSError, rec.FrameError):
                 bad.append(mirror)
                 continue
