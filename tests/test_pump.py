@@ -19,7 +19,7 @@ from intermail.errors import LocalProtocolError, RemoteProtocolError
 from intermail.net.pump import CHUNK_SIZE, PeerClosedError, Pump, PumpTimeout
 from intermail.proto import NEED_DATA
 from intermail.testing.feed import assert_split_invariant
-from intermail.testing.loops import available_loops, run_on
+from intermail.testing.loops import run_on
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,6 @@ class NoTlsMachine(LineMachine):
     """A machine that cannot say what it holds: STARTTLS must be refused."""
 
     pending_bytes = None  # type: ignore[assignment]
-
-
-@pytest.fixture(params=available_loops())
-def loop_name(request) -> str:
-    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -21,24 +21,15 @@ from intermail.net.runner import Runner
 from intermail.proto.rpc import MAGIC
 from intermail.rpc import RpcClient, RpcServer, Streamed
 from intermail.rpc.server import INTERNAL_ERROR_TEXT
-from intermail.testing.loops import available_loops, run_on
+from intermail.testing.loops import run_bounded
 
 HOST = "127.0.0.1"
 DEADLINE = 15.0  # no scenario should come near this
 FIVE_MIB = 5 * 1024 * 1024
 
 
-@pytest.fixture(params=available_loops())
-def loop_name(request) -> str:
-    return request.param
-
-
 def run(loop_name, scenario):
-    async def bounded():
-        async with asyncio.timeout(DEADLINE):
-            return await scenario()
-
-    return run_on(loop_name, bounded())
+    return run_bounded(loop_name, scenario, DEADLINE)
 
 
 class Served:

@@ -24,11 +24,6 @@ from intermail.testing.loops import available_loops, run_on
 ROOT = str(Path(__file__).resolve().parents[1])
 
 
-@pytest.fixture(params=available_loops())
-def loop_name(request) -> str:
-    return request.param
-
-
 class EchoApp:
     """Echoes lines on one or more listeners; records its life cycle."""
 

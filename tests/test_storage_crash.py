@@ -44,7 +44,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from intermail.storage import Store, StoreOptions, rebuild_index
 from intermail.testing import kv, powercut

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from intermail.net.runner import loop_factory
@@ -32,3 +32,13 @@ def run_on(loop_name: str, coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion on a new loop of the named kind."""
     with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
         return runner.run(coro)
+
+
+def run_bounded(loop_name: str, scenario: Callable[[], Coroutine[Any, Any, T]], deadline: float) -> T:
+    """``run_on`` a scenario (a coroutine function) that must finish within ``deadline`` seconds."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(deadline):
+            return await scenario()
+
+    return run_on(loop_name, bounded())
