@@ -143,6 +143,28 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class DirectoryConfig:
+    hash_time_cost: int = _key(3, "argon2id passes for new password hashes (RFC 9106 low-memory profile: 3)", minimum=1)
+    hash_memory_kib: int = _key(65536, "argon2id memory per hash, KiB (64 MiB); each login verify costs this much", minimum=8)
+    hash_parallelism: int = _key(4, "argon2id lanes per hash", minimum=1)
+    auth_user_failures: int = _key(10, "failed logins for one account within auth_window before it is refused; 0: no limit", minimum=0)
+    auth_ip_failures: int = _key(30, "failed logins from one client address within auth_window before it is refused; 0: no limit", minimum=0)
+    auth_window: float = _key(300.0, "seconds a failed login counts against the account and the client address", minimum=1.0)
+    max_alias_depth: int = _key(8, "most levels of alias-to-alias expansion", minimum=1)
+    max_alias_targets: int = _key(1000, "most addresses one alias expands to", minimum=1)
+    max_field_bytes: int = _key(1024, "longest text field (address, password, name) a directory request may carry", minimum=64)
+    replica_poll_interval: float = _key(5.0, "seconds between a replica's change-log polls (pushes make it follow sooner)", minimum=0.05)
+    write_wait: float = _key(5.0, "seconds a replica that forwarded a write waits to have applied it before answering", minimum=0.0)
+    cache_ttl: float = _key(30.0, "seconds a directory client caches a lookup", minimum=0.0)
+    negative_ttl: float = _key(5.0, "seconds a directory client caches an unknown address", minimum=0.0)
+    stale_ttl: float = _key(600.0, "seconds an expired cached lookup may still be used while no directory answers", minimum=0.0)
+    request_timeout: float = _key(5.0, "seconds a directory client waits for one answer before trying elsewhere", minimum=0.01)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "directory.")
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     loop: str = _key("auto", "event loop: auto (uvloop when installed), asyncio or uvloop", choices=LOOPS)
     drain_timeout: float = _key(10.0, "seconds live connections get to finish after SIGTERM before they are cancelled", minimum=0.0)
@@ -186,6 +208,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     instances: tuple[InstanceConfig, ...] = ()
     source: str | None = field(default=None, compare=False)  # file it came from; None = defaults
 
@@ -204,6 +227,18 @@ class Config:
                 return inst
         raise KeyError(name)
 
+    def instances_of(self, kind: str) -> tuple[InstanceConfig, ...]:
+        """The ``[[instance]]`` entries of one kind, in file order."""
+        return tuple(inst for inst in self.instances if inst.kind == kind)
+
+    def state_dir(self, name: str) -> Path:
+        """Where instance ``name`` keeps its state: ``<data_dir>/<name>``."""
+        return Path(self.cluster.data_dir or ".") / name
+
+    def ready_file(self, name: str) -> Path:
+        """Where instance ``name`` publishes its bound ports: ``<data_dir>/run/<name>.ready``."""
+        return Path(self.cluster.data_dir or ".") / "run" / f"{name}.ready"
+
     def with_data_dir(self, data_dir: str) -> Config:
         """A copy whose ``cluster.data_dir`` is ``data_dir`` (the CLI's --data wins over the file)."""
         return dataclasses.replace(self, cluster=dataclasses.replace(self.cluster, data_dir=data_dir))
@@ -217,6 +252,7 @@ SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "limits": LimitsConfig,
     "runner": RunnerConfig,
+    "directory": DirectoryConfig,
 }
 INSTANCE_TABLE = "instance"
 

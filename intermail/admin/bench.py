@@ -47,9 +47,27 @@ def _run_storage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_directory(args: argparse.Namespace) -> int:
+    from intermail.admin.bench_directory import run_bench
+
+    overrides = {key: value for key, value in (("hash_time_cost", args.time_cost),
+                                               ("hash_memory_kib", args.memory_kib),
+                                               ("hash_parallelism", args.parallelism)) if value is not None}
+    progress = None if args.json else _print_row
+    if not args.json:
+        print(f"directory bench: primary + 2 replicas (dird processes), {args.users} accounts, "
+              f"{args.seconds:g} s per case", flush=True)
+    report = asyncio.run(run_bench(args.concurrency, args.auth_concurrency, args.users, args.seconds,
+                                   overrides, args.dir, progress))
+    if args.json:
+        json.dump(report, sys.stdout)
+        print()
+    return 0
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark against a baseline measured in the same run")
-    whats = parser.add_subparsers(dest="bench_what", metavar="{storage}", required=True)
+    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory}", required=True)
     storage = whats.add_parser("storage", help="durable log commits/s vs raw write+fdatasync of the same disk")
     storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     storage.add_argument("--dir", default=None,
@@ -61,3 +79,16 @@ def register(subparsers: Any) -> None:
     storage.add_argument("--size", type=int, default=10240, help="record size in bytes (default 10240)")
     storage.add_argument("--seconds", type=float, default=3.0, help="measuring time per case (default 3)")
     storage.set_defaults(run=_run_storage)
+
+    directory = whats.add_parser("directory", help="directory lookups/s and logins/s through the client library")
+    directory.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    directory.add_argument("--dir", default=None, help="where the throw-away cluster lives (default: temp)")
+    directory.add_argument("--concurrency", type=_int_list, default=[1, 16, 64],
+                           help="comma-separated lookup concurrencies (default 1,16,64)")
+    directory.add_argument("--auth-concurrency", type=int, default=4, help="concurrent logins (default 4)")
+    directory.add_argument("--users", type=int, default=20, help="accounts to provision (default 20)")
+    directory.add_argument("--seconds", type=float, default=3.0, help="measuring time per case (default 3)")
+    directory.add_argument("--time-cost", type=int, default=None, help="argon2id passes (default: config's)")
+    directory.add_argument("--memory-kib", type=int, default=None, help="argon2id memory in KiB (default: config's)")
+    directory.add_argument("--parallelism", type=int, default=None, help="argon2id lanes (default: config's)")
+    directory.set_defaults(run=_run_directory)

@@ -46,6 +46,7 @@ from intermail import config as config_module
 # Each is imported when the parser is built; see the module docstring.
 VERB_MODULES: tuple[str, ...] = (
     "intermail.admin.bench",
+    "intermail.admin.directory",
 )
 
 DATA_ENV = "INTERMAIL_DATA"

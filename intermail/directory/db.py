@@ -45,6 +45,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,10 @@ CREATE TABLE IF NOT EXISTS aliases (
     PRIMARY KEY (address, target)
 );
 CREATE INDEX IF NOT EXISTS aliases_by_domain ON aliases(domain);
+CREATE TABLE IF NOT EXISTS meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     op       TEXT NOT NULL,
@@ -233,6 +238,18 @@ class DirectoryDB:
             raise _invalid("unsupported directory database", f"schema version {version} in {path}")
         self._conn.executescript(_SCHEMA)
         self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if not replica:
+            # A primary names its change log once; replicas adopt the name of
+            # the log they follow and refuse to mix in another one.
+            self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('origin', ?)",
+                               (uuid.uuid4().hex,))
+
+    @property
+    def origin(self) -> str | None:
+        """The id of the change log this database holds (None: a replica that never synced)."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+        return None if row is None else row[0]
 
     def close(self) -> None:
         with self._lock:
@@ -468,20 +485,36 @@ class DirectoryDB:
 
     def apply_change(self, change: Change) -> bool:
         """Apply one change from the primary; False if it was applied already."""
-        if not isinstance(change.seq, int) or change.seq < 1 or change.op not in _APPLY \
-                or not isinstance(change.payload, dict):
-            raise _invalid("malformed change", repr(change))
+        return self.apply_changes([change]) == 1
+
+    def apply_changes(self, changes: Sequence[Change], origin: str | None = None) -> int:
+        """Apply changes from the primary in one transaction (one fsync); returns how many were new.
+
+        ``origin``: the primary's change-log id; a database that follows
+        another log refuses (CORRUPT), one that never synced adopts it.
+        All or nothing: a malformed change or a gap rolls the batch back.
+        """
+        for change in changes:
+            if not isinstance(change.seq, int) or change.seq < 1 or change.op not in _APPLY \
+                    or not isinstance(change.payload, dict):
+                raise _invalid("malformed change", repr(change))
+        applied = 0
         with self._write(local=False) as conn:
+            if origin is not None:
+                _adopt_origin(conn, origin)
             last = _last_seq(conn)
-            if change.seq <= last:
-                return False
-            if change.seq != last + 1:
-                raise _invalid("change log gap", f"have {last}, got {change.seq}")
-            try:
-                self._record(conn, change.op, change.payload, seq=change.seq)
-            except (KeyError, TypeError, ValueError, sqlite3.IntegrityError) as exc:
-                raise _invalid("malformed change", f"{change!r}: {exc!r}") from None
-        return True
+            for change in changes:
+                if change.seq <= last:
+                    continue
+                if change.seq != last + 1:
+                    raise _invalid("change log gap", f"have {last}, got {change.seq}")
+                try:
+                    self._record(conn, change.op, change.payload, seq=change.seq)
+                except (KeyError, TypeError, ValueError, sqlite3.IntegrityError) as exc:
+                    raise _invalid("malformed change", f"{change!r}: {exc!r}") from None
+                last = change.seq
+                applied += 1
+        return applied
 
 
 class _Expansion:
@@ -593,6 +626,15 @@ def _account_row(conn: sqlite3.Connection, key: str) -> sqlite3.Row | None:
 def _alias_targets(conn: sqlite3.Connection, key: str) -> list[str]:
     return [row[0] for row in conn.execute(
         "SELECT target FROM aliases WHERE address = ? ORDER BY rowid", (key,))]
+
+
+def _adopt_origin(conn: sqlite3.Connection, origin: str) -> None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('origin', ?)", (origin,))
+    elif row[0] != origin:
+        raise MailError(ErrorKind.CORRUPT, safe="this replica follows another directory primary",
+                        detail=f"replica holds change log {row[0]}, primary serves {origin}")
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:

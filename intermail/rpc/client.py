@@ -92,7 +92,7 @@ from intermail.rpc._common import (
     lookahead,
 )
 
-__all__ = ["RpcClient", "ResponseBody", "Subscription", "PushCallback"]
+__all__ = ["RpcClient", "ResponseBody", "Subscription", "PushCallback", "OUTCOME_UNKNOWN_TEXT"]
 
 log = logging.getLogger("intermail.rpc.client")
 
@@ -100,6 +100,7 @@ PushCallback = Callable[[str, dict], None]
 ReconnectHook = Callable[[], Awaitable[None] | None]
 
 _DEFAULT: Any = object()
+OUTCOME_UNKNOWN_TEXT = "connection lost, the request may or may not have run"
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
 
@@ -441,6 +442,18 @@ class RpcClient:
         if gone and self._current is not None and self._current.usable:
             await self.call("unsubscribe", {"topics": gone}, idempotent=True)
 
+    def demote_current(self) -> None:
+        """Give up on the current server (it answers too slowly): drop its
+        connection, failing its calls in flight, and try it last from now on."""
+        conn = self._current
+        if conn is None:
+            return
+        if conn.address in self.addresses:
+            self.addresses.remove(conn.address)
+            self.addresses.append(conn.address)
+        self._current = None
+        conn.abort()
+
     async def close(self) -> None:
         """Say GOODBYE and close; calls still in flight fail with UNAVAILABLE."""
         self._closed = True
@@ -482,7 +495,7 @@ class RpcClient:
             except _Lost as lost:
                 if lost.sent and not (idempotent and replayable):
                     raise MailError(
-                        ErrorKind.UNAVAILABLE, "connection lost, the request may or may not have run",
+                        ErrorKind.UNAVAILABLE, OUTCOME_UNKNOWN_TEXT,
                         detail=f"{method} on {conn.address}: {lost.reason}",
                     ) from None
                 now = time.monotonic()

@@ -1,0 +1,164 @@
+"""A directory replica following its primary's change log.
+
+Owns: keeping a replica's database equal to a prefix of the primary's
+change log -- catch-up after a (re)start or a lost connection, then
+following pushes, with a periodic poll as the safety net::
+
+    follower = ReplicaFollower(service, primary_client, poll_interval=5.0)
+    await follower.start()
+    await follower.wait_applied(seq, timeout=5.0)
+    await follower.stop()
+
+Invariants:
+
+- The replica applies changes strictly in ``seq`` order, each pull as one
+  transaction (:meth:`DirectoryDB.apply_changes`): after a crash it holds a
+  prefix of the primary's log and resumes from its own last ``seq``.
+- A push only says "there is more"; the data always comes from a pull, so
+  a lost push costs at most ``poll_interval`` of delay, and a push that
+  arrives during a pull causes one more pull, never a skipped change.
+- The replica adopts the primary's change-log id (``origin``) on its first
+  pull and checks it on every pull after: it refuses to follow a primary
+  with another one (a primary rebuilt from scratch), keeps serving what it
+  has, reports the conflict in its status, and refuses writes rather than
+  forwarding them into a history it will never see.
+- Losing the primary never stops the replica from serving: ``start`` does
+  not wait for the primary, and the follow loop retries forever.
+
+Logs: ``dir.replica_synced``, ``dir.replica_sync_failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from intermail.directory import wire
+from intermail.directory.service import CHANGES_TOPIC, DirectoryService
+from intermail.errors import ErrorKind, MailError
+from intermail.log import log_event
+from intermail.rpc.client import RpcClient, Subscription
+
+__all__ = ["ReplicaFollower"]
+
+log = logging.getLogger("intermail.directory.replica")
+
+OTHER_PRIMARY = "this directory replica follows another primary's change log"
+_RETRY_MAX = 2.0  # seconds between attempts while the primary is unreachable
+
+
+class ReplicaFollower:
+    """Pulls the primary's change log into the replica's database."""
+
+    def __init__(self, service: DirectoryService, primary: RpcClient, *, poll_interval: float = 5.0):
+        self.service = service
+        self.primary = primary
+        self.poll_interval = poll_interval
+        self.applied = 0  # last seq in our database
+        self.primary_seq: int | None = None  # last seq the primary reported
+        self.last_contact: float | None = None  # monotonic time of the last successful pull
+        self.error: str | None = None
+        self.conflict = False  # the primary serves another change log: never forward writes to it
+        self._kick = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+        self._subscription: Subscription | None = None
+        service.follower = self
+
+    async def start(self) -> None:
+        self.applied = await self.service.in_db(self.service.db.last_seq)
+        self.service.note_seq(self.applied)
+        self._kick.set()
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="dir-replica-follow")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(MailError):
+            await self.primary.close()
+
+    def status(self) -> dict[str, Any]:
+        lag = None if self.primary_seq is None else max(0, self.primary_seq - self.applied)
+        age = None if self.last_contact is None else round(time.monotonic() - self.last_contact, 3)
+        return {"primary_seq": self.primary_seq, "lag": lag, "primary_reachable": self.error is None
+                and self.last_contact is not None, "last_contact_age": age, "sync_error": self.error}
+
+    async def wait_applied(self, seq: int, timeout: float) -> bool:
+        """Wait until changes up to ``seq`` are applied here; False on timeout."""
+        self._kick.set()
+        try:
+            async with asyncio.timeout(timeout), self._progress:
+                await self._progress.wait_for(lambda: self.applied >= seq)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _on_push(self, topic: str, data: dict) -> None:
+        self._kick.set()
+
+    async def _follow(self) -> None:
+        delay = 0.05
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._kick.wait()
+            self._kick.clear()
+            try:
+                if self._subscription is None:
+                    self._subscription = await self.primary.subscribe(
+                        [CHANGES_TOPIC], self._on_push, on_reconnect=self._kick.set)
+                await self._pull()
+            except (MailError, ValueError, TypeError) as exc:
+                if not isinstance(exc, MailError):
+                    exc = MailError(ErrorKind.TEMP, safe="malformed change log answer", detail=repr(exc))
+                self._failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                self._kick.set()  # retry soon, not after a whole poll interval
+                continue
+            delay = 0.05
+
+    async def _pull(self) -> None:
+        """Pull and apply until the primary has nothing newer."""
+        while True:
+            answer = await self.primary.call("changes", {"since": self.applied, "limit": wire.MAX_CHANGES},
+                                             idempotent=True)
+            changes = wire.decode_changes(answer.get("changes"))
+            origin = answer.get("origin")
+            if not isinstance(origin, str):
+                raise MailError(ErrorKind.TEMP, safe="malformed change log answer", detail="no origin")
+            mine = self.service.db.origin
+            if mine is not None and origin != mine:
+                self.conflict = True
+                raise MailError(ErrorKind.CORRUPT, safe=OTHER_PRIMARY,
+                                detail=f"replica holds change log {mine}, primary serves {origin}")
+            self.conflict = False
+            if changes:
+                db = self.service.db
+                applied = await self.service.in_db(db.apply_changes, changes, origin)
+                log_event(log, "dir.replica_synced", level=logging.DEBUG, applied=applied,
+                          seq=changes[-1].seq)
+            elif self.service.db.origin is None:
+                await self.service.in_db(self.service.db.apply_changes, [], origin)
+            self.primary_seq = int(answer.get("last_seq", 0))
+            self.last_contact = time.monotonic()
+            self.error = None
+            async with self._progress:
+                self.applied = await self.service.in_db(self.service.db.last_seq)
+                self.service.note_seq(self.applied)
+                self._progress.notify_all()
+            if len(changes) < wire.MAX_CHANGES:
+                return
+
+    def _failed(self, exc: MailError) -> None:
+        text = exc.detail or exc.safe
+        if text != self.error:
+            log_event(log, "dir.replica_sync_failed", level=logging.WARNING, kind=exc.kind.value, error=text)
+        self.error = text
