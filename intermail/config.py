@@ -154,7 +154,7 @@ class DirectoryConfig:
     max_alias_targets: int = _key(1000, "most addresses one alias expands to", minimum=1)
     max_field_bytes: int = _key(1024, "longest text field (address, password, name) a directory request may carry", minimum=64)
     replica_poll_interval: float = _key(5.0, "seconds between a replica's change-log polls (pushes make it follow sooner)", minimum=0.05)
-    write_wait: float = _key(5.0, "seconds a replica that forwarded a write waits to have applied it before answering", minimum=0.0)
+    write_wait: float = _key(2.0, "seconds a replica that forwarded a write waits to have applied it before answering", minimum=0.0)
     cache_ttl: float = _key(30.0, "seconds a directory client caches a lookup", minimum=0.0)
     negative_ttl: float = _key(5.0, "seconds a directory client caches an unknown address", minimum=0.0)
     stale_ttl: float = _key(600.0, "seconds an expired cached lookup may still be used while no directory answers", minimum=0.0)

@@ -379,3 +379,19 @@ def test_health_and_metrics_endpoints(cluster):
         assert time.monotonic() < deadline, health
         time.sleep(0.2)
     assert health["status"] == "ok" and "primary unreachable" in health["warnings"][0]
+
+
+def test_a_primary_that_lost_its_database_refuses_to_start_empty(cluster):
+    provision(cluster)
+    cluster.procs["dir1"].kill()
+    db = cluster.data / "dir1" / "directory.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    with pytest.raises(RuntimeError) as refused:
+        cluster.procs["dir1"].start().wait_ready()
+    assert "--init" in str(refused.value)
+
+    async def replicas_still_answer() -> None:
+        async with client_of(cluster, "dir2", "dir3") as client:
+            assert isinstance(await client.resolve("bob@example.org"), Account)
+    asyncio.run(replicas_still_answer())

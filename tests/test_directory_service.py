@@ -1099,3 +1099,134 @@ async def test_client_via_dns_without_the_name_is_unavailable(env, clock):
         error = await fails(ErrorKind.UNAVAILABLE, client.resolve("bob@example.org"))
         assert error.safe == "directory not found"
         await fails(ErrorKind.INVALID, client.resolve("not an address"))  # still decided locally
+
+
+# == 6. found in review: histories, a dying follow loop, uncertain forwards, login bursts ====
+
+
+async def test_a_replica_refuses_a_promoted_primary_that_was_behind_it(env, tmp_path):
+    """dir2 stops at seq 5, dir3 follows to 7; dir2 is promoted and writes 6..8: dir3 must not mix them."""
+    primary = await env.primary()
+    rpc = env.rpc(primary)
+    await populate(rpc)  # seq 5
+    behind = DirectoryDB(tmp_path / "behind.sqlite", replica=True)
+    behind.apply_changes(primary.db.changes_since(0), primary.db.origin)
+    behind.close()
+    await rpc.call("domain.add", {"name": "old-a.test"})
+    await rpc.call("domain.add", {"name": "old-b.test"})  # seq 7
+    follower = await env.replica(primary.address, "dir3")
+    assert await follower.follower.wait_applied(7, SYNC_WAIT)
+    await primary.kill()
+    promoted = await env.primary("dir2", db_file="behind.sqlite", port=primary.address[1])
+    assert promoted.db.origin == primary.db.origin  # a promotion keeps the log's id
+    via_promoted = env.rpc(promoted)
+    for name in ("new-a.test", "new-b.test", "new-c.test"):
+        await via_promoted.call("domain.add", {"name": name})  # seq 6, 7, 8
+    deadline = asyncio.get_running_loop().time() + SYNC_WAIT
+    while not follower.follower.conflict:
+        assert asyncio.get_running_loop().time() < deadline, follower.follower.status()
+        await asyncio.sleep(0.05)
+    domains = await env.rpc(follower).call("domain.list")
+    assert "old-b.test" in domains["domains"] and "new-c.test" not in domains["domains"]
+    status = await env.rpc(follower).call("status")
+    assert status["history_conflict"] is True and status["primary_reachable"] is False
+    await fails(ErrorKind.UNAVAILABLE, env.rpc(follower).call("domain.add", {"name": "x.test"}))
+
+
+async def test_a_replica_ahead_of_its_primary_stops_following(env, tmp_path):
+    primary = await env.primary()
+    await populate(env.rpc(primary))
+    replica = await env.replica(primary.address)
+    assert await replica.follower.wait_applied(5, SYNC_WAIT)
+    origin = primary.db.origin
+    await primary.kill()
+    await primary.close()
+    (tmp_path / "dir1.sqlite").rename(tmp_path / "gone.sqlite")
+    # a primary restored from an older copy: the same origin, a shorter log
+    old = DirectoryDB(tmp_path / "older.sqlite", replica=True)
+    old.apply_changes(DirectoryDB(tmp_path / "gone.sqlite").changes_since(0, limit=3), origin)
+    old.close()
+    await env.primary("dir1", db_file="older.sqlite", port=primary.address[1])
+    deadline = asyncio.get_running_loop().time() + SYNC_WAIT
+    while not replica.follower.conflict:
+        assert asyncio.get_running_loop().time() < deadline, replica.follower.status()
+        await asyncio.sleep(0.05)
+
+
+async def test_the_follow_loop_survives_a_database_error(env, monkeypatch):
+    import sqlite3
+    primary = await env.primary()
+    rpc = env.rpc(primary)
+    replica = await env.replica(primary.address)
+    await populate(rpc)
+    assert await replica.follower.wait_applied(5, SYNC_WAIT)
+    real = replica.db.apply_changes
+    failures = []
+
+    def full_disk(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(replica.db, "apply_changes", full_disk)
+    await rpc.call("domain.add", {"name": "later.test"})
+    assert await replica.follower.wait_applied(6, SYNC_WAIT)
+    assert failures == [1]
+    assert (await env.rpc(replica).call("status"))["sync_error"] is None
+
+
+async def test_a_forwarded_write_that_times_out_is_reported_as_uncertain(env):
+    async def slow_domain_del(ctx, args):
+        await asyncio.sleep(2.0)
+        return {"seq": 0}
+    primary = await env.primary(overrides={"domain.del": slow_domain_del})
+    replica = await env.replica(primary.address)
+    replica.service.primary.request_timeout = 0.3
+    await populate(env.rpc(primary))
+    assert await replica.follower.wait_applied(5, SYNC_WAIT)
+    error = await fails(ErrorKind.UNAVAILABLE, env.rpc(replica).call("domain.del", {"name": "slow.test"}))
+    assert error.safe == "lost the directory primary during the write; it may or may not have been done"
+
+
+async def test_a_client_skips_a_replica_that_never_synchronised(env):
+    primary = await env.primary()
+    await populate(env.rpc(primary))
+    lonely = await env.replica((HOST, free_port()), "dir9")  # its primary is nowhere
+    client = env.client(lonely, primary)
+    assert isinstance(await client.resolve("bob@example.org"), Account)
+    assert client.stats["failovers"] == 1
+    await client.authenticate("bob@example.org", "bob-password")
+
+
+async def test_a_burst_of_parallel_guesses_is_capped(env, clock):
+    primary = await env.primary(throttle=AuthThrottle(user_failures=5, ip_failures=0, window=300.0, clock=clock),
+                                max_user_attempts=2)
+    rpc = env.rpc(primary)
+    await populate(rpc)
+    verifies = 0
+    real = primary.service.hashing.averify
+
+    async def counted(stored, password):
+        nonlocal verifies
+        verifies += 1
+        await asyncio.sleep(0.05)
+        return await real(stored, password)
+    primary.service.hashing.averify = counted
+    results = await asyncio.gather(*(auth(rpc, "bob@example.org", f"guess-{i}") for i in range(200)),
+                                   return_exceptions=True)
+    kinds = collections.Counter(r.kind for r in results if isinstance(r, MailError))
+    assert kinds[ErrorKind.PERM] == verifies
+    assert verifies <= 5 + 2  # the limit, plus what was in flight when it was reached
+    assert kinds[ErrorKind.LIMIT] == 200 - verifies
+
+
+def test_a_malformed_change_never_logs_its_payload(tmp_path):
+    from intermail.directory.db import Change
+    replica = DirectoryDB(tmp_path / "r.sqlite", replica=True)
+    secret_hash = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
+    bad = Change(1, "user.add", {"address": "x@nowhere.test", "domain": "nowhere.test",
+                                  "password_hash": secret_hash, "status": "active", "quota_bytes": 0,
+                                  "mss": "mss1", "created": 0.0})
+    with pytest.raises(MailError) as refused:
+        replica.apply_changes([bad], "origin")
+    assert secret_hash not in (refused.value.detail or "") and "seq 1 op user.add" in refused.value.detail

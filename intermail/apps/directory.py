@@ -25,6 +25,8 @@ Logs: what the service, the RPC server and the runner log.
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from argon2 import profiles
@@ -58,11 +60,11 @@ def primary_of(config: Config) -> InstanceConfig:
     return primaries[0]
 
 
-def hashing_from_config(config: Config) -> PasswordHashing:
+def hashing_from_config(config: Config, executor: Executor | None = None) -> PasswordHashing:
     d = config.directory
     return PasswordHashing(dataclasses.replace(
         profiles.RFC_9106_LOW_MEMORY, time_cost=d.hash_time_cost, memory_cost=d.hash_memory_kib,
-        parallelism=d.hash_parallelism))
+        parallelism=d.hash_parallelism), executor=executor)
 
 
 def directory_client(config: Config, *, instance: str = "", **kwargs: Any) -> DirectoryClient:
@@ -79,7 +81,7 @@ def directory_client(config: Config, *, instance: str = "", **kwargs: Any) -> Di
 class DirectoryApp:
     """The runner's app for one directory instance."""
 
-    def __init__(self, config: Config, name: str, *, hashing: PasswordHashing | None = None):
+    def __init__(self, config: Config, name: str, *, init: bool = False, hashing: PasswordHashing | None = None):
         self.config = config
         self.me = config.instance(name)
         if self.me.kind != "directory":
@@ -93,7 +95,11 @@ class DirectoryApp:
                 raise ConfigError(f"instance[{primary.name}].ports.rpc: a directory primary with replicas"
                                   " needs a fixed port")
             self.primary_address = (primary.address, port)
-        self.hashing = hashing or hashing_from_config(config)
+        self.init = init
+        # Hashes run on their own threads, one per core: a login storm queues
+        # there (bounded by the service) instead of filling the loop's default pool.
+        self._hash_pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix=f"argon2-{name}")
+        self.hashing = hashing or hashing_from_config(config, self._hash_pool)
         self.service: DirectoryService | None = None
         self.follower: ReplicaFollower | None = None
         self.rpc: RpcServer | None = None
@@ -102,6 +108,11 @@ class DirectoryApp:
     async def start(self, runner: Runner) -> None:
         d = self.config.directory
         state = self.config.state_dir(self.me.name)
+        if self.role == "primary" and not (state / DB_NAME).exists() and not self.init:
+            # A primary that lost its database must not come back empty and
+            # answer "unknown user" for everyone: that bounces real mail.
+            raise ConfigError(f"directory primary {self.me.name}: no database in {state};"
+                              " start it once with --init to create an empty directory")
         state.mkdir(parents=True, exist_ok=True)
         self.db = DirectoryDB(state / DB_NAME, replica=self.role == "replica",
                               max_alias_depth=d.max_alias_depth, max_alias_targets=d.max_alias_targets)
@@ -148,3 +159,4 @@ class DirectoryApp:
             await self.service.stop()
         if self.db is not None:
             self.db.close()
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)

@@ -26,8 +26,9 @@ Invariants:
   lookups of one address share one request.  The cache is bounded (LRU).
 - Failover: calls are idempotent reads, retried on another instance when a
   connection is lost or refused; an instance that does not answer within
-  ``request_timeout`` is demoted (tried last) and the call retried once
-  elsewhere.  With DNS, the address list is refreshed when its TTL expires,
+  ``request_timeout``, or a replica that answers it has not synchronised
+  yet, is demoted (tried last) and the call retried on the next one, each
+  instance at most once.  With DNS, the address list is refreshed when its TTL expires,
   keeping the old list if the lookup fails.
 - ``authenticate`` is never cached.  It raises PERM for wrong credentials
   or a disabled account, LIMIT when throttled, UNAVAILABLE/TEMP when the
@@ -220,15 +221,20 @@ class DirectoryClient:
         """Call a directory method: reads fail over freely; writes are sent once."""
         await self._refresh_addresses()
         idempotent = method in wire.READS
-        try:
-            return await self._rpc.call(method, args or {}, idempotent=idempotent)
-        except MailError as exc:
-            if not (idempotent and exc.kind is ErrorKind.TEMP and len(self._rpc.addresses) > 1):
-                raise
-        # Timed out: that instance is stuck (stopped, swapping, partitioned). Try another.
-        self.stats["failovers"] += 1
-        self._rpc.demote_current()
-        return await self._rpc.call(method, args or {}, idempotent=True)
+        tries = len(self._rpc.addresses) if idempotent else 1
+        for attempt in range(tries):
+            try:
+                return await self._rpc.call(method, args or {}, idempotent=idempotent)
+            except MailError as exc:
+                # Timed out (the instance is stuck: stopped, swapping, partitioned),
+                # or it is a replica with nothing to serve yet: try another.
+                elsewhere = exc.kind is ErrorKind.TEMP or (exc.kind is ErrorKind.UNAVAILABLE
+                                                           and exc.safe == wire.NOT_SYNCED)
+                if not elsewhere or attempt == tries - 1:
+                    raise
+            self.stats["failovers"] += 1
+            self._rpc.demote_current()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _refresh_addresses(self) -> None:
         if self._clock() < self._addresses_valid_until:
@@ -243,7 +249,7 @@ class DirectoryClient:
         if not addresses:
             if not self._located:
                 raise MailError(ErrorKind.UNAVAILABLE, safe="directory not found", detail="no addresses")
-        elif addresses != self._rpc.addresses:
-            self._rpc.addresses[:] = addresses
+        elif set(addresses) != set(self._rpc.addresses):
+            self._rpc.addresses[:] = addresses  # same set: keep our order, demotions included
         self._located = self._located or bool(addresses)
         self._addresses_valid_until = self._clock() + ttl

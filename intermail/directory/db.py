@@ -40,6 +40,7 @@ Logs: nothing; ``dird`` logs the requests and their outcome.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
@@ -92,7 +93,8 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS changes (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     op       TEXT NOT NULL,
-    payload  TEXT NOT NULL
+    payload  TEXT NOT NULL,
+    chain    TEXT NOT NULL
 );
 """
 
@@ -288,8 +290,12 @@ class DirectoryDB:
     @staticmethod
     def _record(conn: sqlite3.Connection, op: str, payload: dict[str, Any], seq: int | None = None) -> int:
         _APPLY[op](conn, payload)
-        cursor = conn.execute("INSERT INTO changes (seq, op, payload) VALUES (?, ?, ?)",
-                              (seq, op, json.dumps(payload, sort_keys=True, separators=(",", ":"))))
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        if seq is None:
+            seq = _last_seq(conn) + 1
+        chain = _chain(_chain_at(conn, seq - 1), seq, op, text)
+        cursor = conn.execute("INSERT INTO changes (seq, op, payload, chain) VALUES (?, ?, ?, ?)",
+                              (seq, op, text, chain))
         return int(cursor.lastrowid)
 
     # -- domains -------------------------------------------------------------------
@@ -474,6 +480,11 @@ class DirectoryDB:
         with self._read() as conn:
             return _last_seq(conn)
 
+    def chain_at(self, seq: int) -> str:
+        """The history hash after change ``seq`` ("" for 0); INVALID past the end of the log."""
+        with self._read() as conn:
+            return _chain_at(conn, seq)
+
     def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
         """Changes with a sequence number above ``seq``, oldest first, at most ``limit``."""
         if not isinstance(seq, int) or seq < 0 or not isinstance(limit, int) or limit < 1:
@@ -511,7 +522,9 @@ class DirectoryDB:
                 try:
                     self._record(conn, change.op, change.payload, seq=change.seq)
                 except (KeyError, TypeError, ValueError, sqlite3.IntegrityError) as exc:
-                    raise _invalid("malformed change", f"{change!r}: {exc!r}") from None
+                    # seq and op only: a payload may hold a password hash
+                    raise _invalid("malformed change",
+                                   f"seq {change.seq} op {change.op}: {type(exc).__name__}") from None
                 last = change.seq
                 applied += 1
         return applied
@@ -635,6 +648,20 @@ def _adopt_origin(conn: sqlite3.Connection, origin: str) -> None:
     elif row[0] != origin:
         raise MailError(ErrorKind.CORRUPT, safe="this replica follows another directory primary",
                         detail=f"replica holds change log {row[0]}, primary serves {origin}")
+
+
+def _chain(previous: str, seq: int, op: str, payload_text: str) -> str:
+    """The history hash after change ``seq``: equal on two databases iff their logs are equal up to it."""
+    return hashlib.sha256(f"{previous}\n{seq}\n{op}\n{payload_text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _chain_at(conn: sqlite3.Connection, seq: int) -> str:
+    if seq <= 0:
+        return ""
+    row = conn.execute("SELECT chain FROM changes WHERE seq = ?", (seq,)).fetchone()
+    if row is None:
+        raise _invalid("change log gap", f"no change {seq}")
+    return row[0]
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:

@@ -18,10 +18,15 @@ Invariants:
   a lost push costs at most ``poll_interval`` of delay, and a push that
   arrives during a pull causes one more pull, never a skipped change.
 - The replica adopts the primary's change-log id (``origin``) on its first
-  pull and checks it on every pull after: it refuses to follow a primary
-  with another one (a primary rebuilt from scratch), keeps serving what it
-  has, reports the conflict in its status, and refuses writes rather than
-  forwarding them into a history it will never see.
+  pull and checks it on every pull after; every pull also carries the hash
+  chain of the replica's log up to its position, and the primary refuses
+  (CORRUPT) when its own log differs there or ends before it.  Either way
+  the replica stops following: it refuses to mix two histories (a primary
+  rebuilt from scratch, or promoted from a replica that was behind), keeps
+  serving what it has, reports the conflict in its status, and refuses
+  writes rather than forwarding them into a history it will never see.
+- The follow loop outlives every failure (a full disk, a bad answer); its
+  status says ``primary_reachable`` only while pulls succeed.
 - Losing the primary never stops the replica from serving: ``start`` does
   not wait for the primary, and the follow loop retries forever.
 
@@ -82,11 +87,32 @@ class ReplicaFollower:
         with contextlib.suppress(MailError):
             await self.primary.close()
 
+    def in_touch(self) -> bool:
+        """Pulled from the primary successfully, recently, and the follow loop runs."""
+        return (self.error is None and self.last_contact is not None and not self.conflict
+                and time.monotonic() - self.last_contact < 3 * self.poll_interval + 5.0
+                and self._task is not None and not self._task.done())
+
+    async def wait_in_touch(self, timeout: float) -> bool:
+        """Kick a pull and wait up to ``timeout`` for :meth:`in_touch`."""
+        if self.in_touch():
+            return True
+        self._kick.set()
+        try:
+            async with asyncio.timeout(timeout), self._progress:
+                await self._progress.wait_for(self.in_touch)
+        except TimeoutError:
+            return False
+        return True
+
     def status(self) -> dict[str, Any]:
-        lag = None if self.primary_seq is None else max(0, self.primary_seq - self.applied)
+        lag = None if self.primary_seq is None else self.primary_seq - self.applied
         age = None if self.last_contact is None else round(time.monotonic() - self.last_contact, 3)
-        return {"primary_seq": self.primary_seq, "lag": lag, "primary_reachable": self.error is None
-                and self.last_contact is not None, "last_contact_age": age, "sync_error": self.error}
+        error = self.error
+        if self._task is not None and self._task.done():
+            error = "the follow loop stopped"
+        return {"primary_seq": self.primary_seq, "lag": lag, "primary_reachable": self.in_touch(),
+                "last_contact_age": age, "sync_error": error, "history_conflict": self.conflict}
 
     async def wait_applied(self, seq: int, timeout: float) -> bool:
         """Wait until changes up to ``seq`` are applied here; False on timeout."""
@@ -115,9 +141,13 @@ class ReplicaFollower:
                     self._subscription = await self.primary.subscribe(
                         [CHANGES_TOPIC], self._on_push, on_reconnect=self._kick.set)
                 await self._pull()
-            except (MailError, ValueError, TypeError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must outlive any one failure (a full disk, a bad answer)
                 if not isinstance(exc, MailError):
-                    exc = MailError(ErrorKind.TEMP, safe="malformed change log answer", detail=repr(exc))
+                    exc = MailError(ErrorKind.TEMP, safe="sync failed", detail=f"{type(exc).__name__}: {exc}")
+                elif exc.kind is ErrorKind.CORRUPT:
+                    self.conflict = True
                 self._failed(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
@@ -128,25 +158,27 @@ class ReplicaFollower:
     async def _pull(self) -> None:
         """Pull and apply until the primary has nothing newer."""
         while True:
-            answer = await self.primary.call("changes", {"since": self.applied, "limit": wire.MAX_CHANGES},
-                                             idempotent=True)
+            db = self.service.db
+            chain = await self.service.in_db(db.chain_at, self.applied)
+            request = {"since": self.applied, "limit": wire.MAX_CHANGES}
+            if chain:
+                request["chain"] = chain  # none before the first change
+            answer = await self.primary.call("changes", request, idempotent=True)
             changes = wire.decode_changes(answer.get("changes"))
             origin = answer.get("origin")
             if not isinstance(origin, str):
                 raise MailError(ErrorKind.TEMP, safe="malformed change log answer", detail="no origin")
-            mine = self.service.db.origin
+            mine = self.service.origin
             if mine is not None and origin != mine:
                 self.conflict = True
                 raise MailError(ErrorKind.CORRUPT, safe=OTHER_PRIMARY,
                                 detail=f"replica holds change log {mine}, primary serves {origin}")
-            self.conflict = False
-            if changes:
-                db = self.service.db
+            if changes or mine is None:
                 applied = await self.service.in_db(db.apply_changes, changes, origin)
-                log_event(log, "dir.replica_synced", level=logging.DEBUG, applied=applied,
-                          seq=changes[-1].seq)
-            elif self.service.db.origin is None:
-                await self.service.in_db(self.service.db.apply_changes, [], origin)
+                self.service.origin = origin
+                if changes:
+                    log_event(log, "dir.replica_synced", level=logging.DEBUG, applied=applied,
+                              seq=changes[-1].seq)
             self.primary_seq = int(answer.get("last_seq", 0))
             self.last_contact = time.monotonic()
             self.error = None

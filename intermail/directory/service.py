@@ -78,7 +78,10 @@ ROLES = frozenset({"primary", "replica"})
 CHANGES_TOPIC = "dir.changes"
 AUTH_FAILED = "authentication failed"
 PRIMARY_DOWN = "the directory primary is unavailable; writes are refused until it is back"
-NOT_SYNCED = "this directory replica has not synchronised with its primary yet"
+NOT_SYNCED = wire.NOT_SYNCED
+OUTCOME_UNKNOWN = "lost the directory primary during the write; it may or may not have been done"
+HISTORY_DIFFERS = "the replica's change log differs from the primary's"
+BUSY = "too many logins in progress; try again"
 
 T = TypeVar("T")
 
@@ -97,8 +100,11 @@ class DirectoryService:
         mss_candidates: Sequence[str] = (),
         primary: RpcClient | None = None,
         max_field_bytes: int = 1024,
-        write_wait: float = 5.0,
+        write_wait: float = 2.0,
         registry: CollectorRegistry | None = None,
+        max_verifying: int = 64,
+        max_user_attempts: int = 4,
+        max_ip_attempts: int = 16,
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}")
@@ -118,6 +124,13 @@ class DirectoryService:
         self.follower: Any = None  # a ReplicaFollower, set by the replica's wiring
         self.push: Callable[[str, dict], int] | None = None  # the RPC server's push, once listening
         self.started = time.monotonic()
+        self.origin: str | None = None  # kept here: the loop must not read SQLite (the db thread holds its lock)
+        self.forward_wait = 1.0  # seconds a replica waits to be in touch with its primary before refusing a write
+        self.max_verifying = max_verifying
+        self.max_user_attempts = max_user_attempts
+        self.max_ip_attempts = max_ip_attempts
+        self._verifying = 0
+        self._attempts: dict[str, int] = {}  # logins in progress per "u:<user>" / "ip:<address>"
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dir-db-{instance}")
         self._dummy_hash = ""
         self.registry = registry or CollectorRegistry()
@@ -137,10 +150,10 @@ class DirectoryService:
 
     async def start(self) -> None:
         self._dummy_hash = await self.hashing.ahash(secrets.token_urlsafe(16))
-        self._last_seq = await self.in_db(self.db.last_seq)
+        self._last_seq, self.origin = await self.in_db(lambda: (self.db.last_seq(), self.db.origin))
 
     async def stop(self) -> None:
-        self._db_thread.shutdown(wait=True)
+        await asyncio.to_thread(self._db_thread.shutdown, True)
 
     async def in_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the database thread."""
@@ -197,7 +210,7 @@ class DirectoryService:
         return Args(args, set(allowed), self.max_field_bytes)
 
     def _require_synced(self) -> None:
-        if self.role == "replica" and self.db.origin is None:
+        if self.role == "replica" and self.origin is None:
             raise MailError(ErrorKind.UNAVAILABLE, safe=NOT_SYNCED)
 
     # -- reads ---------------------------------------------------------------------
@@ -229,13 +242,20 @@ class DirectoryService:
         return {"aliases": [{"address": a.address, "targets": list(a.targets)} for a in aliases]}
 
     async def _changes(self, args: dict) -> dict:
-        a = self._args(args, "since", "limit")
+        a = self._args(args, "since", "limit", "chain")
         since = a.integer("since")
         limit = a.integer("limit", default=wire.MAX_CHANGES, minimum=1, maximum=wire.MAX_CHANGES)
+        chain = a.text("chain", required=False)
         self._require_synced()
 
         def read() -> tuple[list, int, str | None]:
-            return self.db.changes_since(since, limit), self.db.last_seq(), self.db.origin
+            last = self.db.last_seq()
+            # The follower proves its history: the hash of its log up to `since`
+            # must be ours, else it holds changes we never made (or we lost some).
+            if since > last or (chain is not None and self.db.chain_at(since) != chain):
+                raise MailError(ErrorKind.CORRUPT, safe=HISTORY_DIFFERS,
+                                detail=f"follower at {since}, this log ends at {last}")
+            return self.db.changes_since(since, limit), last, self.db.origin
 
         changes, last_seq, origin = await self.in_db(read)
         return {"origin": origin, "last_seq": last_seq, "changes": wire.encode_changes(changes)}
@@ -248,6 +268,7 @@ class DirectoryService:
         """Role, position in the change log and, on a replica, how it follows the primary."""
         last_seq, origin = await self.in_db(lambda: (self.db.last_seq(), self.db.origin))
         self.note_seq(last_seq)
+        self.origin = origin
         status: dict[str, Any] = {"instance": self.instance, "role": self.role, "last_seq": last_seq,
                                   "origin": origin, "uptime": round(time.monotonic() - self.started, 3),
                                   "throttle": self.throttle.stats()}
@@ -270,23 +291,44 @@ class DirectoryService:
             key = str(parse(user))
         except MailError:
             key = None
-        retry_after = self.throttle.check(key or user.lower(), client)
+        user_key = key or user.lower()
+        retry_after = self.throttle.check(user_key, client)
         if retry_after > 0:
             self._auth.labels("throttled").inc()
             log_event(log, "dir.auth_throttled", level=logging.WARNING, user=user[:256], client=client,
                       retry_after=round(retry_after, 1))
             raise MailError(ErrorKind.LIMIT, safe=f"too many failed logins; try again in {int(retry_after) + 1} s")
-        account = None
-        if key is not None:
-            try:
-                account = await self.in_db(self.db.show_user, key)
-            except MailError as exc:
-                if exc.kind is not ErrorKind.NOTFOUND:
-                    raise
-        stored = account.password_hash if account is not None else self._dummy_hash
-        ok = await self.hashing.averify(stored, password)
+        # Attempts in flight have not failed yet: cap them per account and
+        # address, or a burst of parallel guesses would all pass check().
+        slots = [f"u:{user_key}"] + ([f"ip:{client}"] if client else [])
+        caps = [self.max_user_attempts, self.max_ip_attempts]
+        if any(self._attempts.get(slot, 0) >= cap for slot, cap in zip(slots, caps)) \
+                or self._verifying >= self.max_verifying:
+            self._auth.labels("throttled").inc()
+            raise MailError(ErrorKind.LIMIT, safe=BUSY)
+        for slot in slots:
+            self._attempts[slot] = self._attempts.get(slot, 0) + 1
+        self._verifying += 1
+        try:
+            account = None
+            if key is not None:
+                try:
+                    account = await self.in_db(self.db.show_user, key)
+                except MailError as exc:
+                    if exc.kind is not ErrorKind.NOTFOUND:
+                        raise
+            stored = account.password_hash if account is not None else self._dummy_hash
+            ok = await self.hashing.averify(stored, password)
+        finally:
+            self._verifying -= 1
+            for slot in slots:
+                left = self._attempts[slot] - 1
+                if left:
+                    self._attempts[slot] = left
+                else:
+                    del self._attempts[slot]
         if account is None or not ok:
-            self.throttle.failed(key or user.lower(), client)
+            self.throttle.failed(user_key, client)
             self._auth.labels("failed").inc()
             log_event(log, "dir.auth_failed", user=user[:256], client=client,
                       reason="unknown account" if account is None else "wrong password")
@@ -382,16 +424,19 @@ class DirectoryService:
         if self.follower is not None and self.follower.conflict:
             raise MailError(ErrorKind.UNAVAILABLE, safe="this directory replica follows another primary;"
                             " writes are refused until it is re-seeded")
+        if self.follower is not None and not await self.follower.wait_in_touch(self.forward_wait):
+            # Not following the primary right now (or not yet since start):
+            # a write could land in a history this replica will never see.
+            raise MailError(ErrorKind.UNAVAILABLE, safe=PRIMARY_DOWN, detail="replica not following its primary")
         try:
             answer = await self.primary.call(method, args)
         except MailError as exc:
             if exc.kind not in (ErrorKind.UNAVAILABLE, ErrorKind.TEMP):
                 raise  # the primary's own answer (EXISTS, NOTFOUND, INVALID...)
             log_event(log, "dir.forward_failed", level=logging.WARNING, method=method, error=exc.detail or exc.safe)
-            if exc.safe == OUTCOME_UNKNOWN_TEXT:
-                raise MailError(ErrorKind.UNAVAILABLE,
-                                safe="lost the directory primary during the write; it may or may not have been done",
-                                detail=exc.detail) from None
+            if exc.safe == OUTCOME_UNKNOWN_TEXT or exc.kind is ErrorKind.TEMP:
+                # sent, and no answer: it may have been committed
+                raise MailError(ErrorKind.UNAVAILABLE, safe=OUTCOME_UNKNOWN, detail=exc.detail) from None
             raise MailError(ErrorKind.UNAVAILABLE, safe=PRIMARY_DOWN, detail=exc.detail) from None
         seq = answer.get("seq")
         if self.follower is not None and isinstance(seq, int):

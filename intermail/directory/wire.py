@@ -14,7 +14,7 @@ Methods (all answers are dicts; failures are ``MailError`` kinds)::
     user.show      {address}                      -> {"account": {...}}
     user.list      {domain?}                      -> {"accounts": [...]}
     alias.list     {domain?}                      -> {"aliases": [{"address", "targets"}]}
-    changes        {since, limit?}                -> {"origin", "last_seq", "changes": [[seq, op, payload]]}
+    changes        {since, limit?, chain?}        -> {"origin", "last_seq", "changes": [[seq, op, payload]]}
     status         {}                             -> {"role", "last_seq", "origin", ...}
     domain.add     {name}                         -> {"domain", "seq"}          (writes: primary,
     domain.del     {name}                         -> {"seq"}                     forwarded by replicas)
@@ -52,6 +52,7 @@ READS = frozenset({"resolve", "authenticate", "domain.list", "user.show", "user.
 WRITES = frozenset({"domain.add", "domain.del", "user.add", "user.del", "user.passwd", "user.status",
                     "user.quota", "alias.add", "alias.del"})
 MAX_CHANGES = 1000  # per `changes` answer
+NOT_SYNCED = "this directory replica has not synchronised with its primary yet"  # clients try elsewhere
 MAX_TARGETS = 1000  # per `alias.add` request
 
 

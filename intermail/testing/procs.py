@@ -17,6 +17,9 @@ Invariants:
   chosen now and written into the Config: an instance restarted after a
   kill comes back on the same address and port, as in a real cluster.
 - A process's stderr (its JSON log) goes to ``<data>/run/<name>.log``.
+- An instance's first start passes ``--init`` (its state is created), as
+  ``intermail up`` does for a new cluster; later starts do not, so an
+  instance that lost its state refuses to start, as in production.
 - ``wait_ready`` succeeds only on a ready file written by *this* process
   (its pid), never on one left behind by a killed predecessor.
 
@@ -79,6 +82,7 @@ class ServiceProcess:
         self.name = name
         self.kind = kind
         self.proc: subprocess.Popen | None = None
+        self.started = 0
 
     @property
     def ready_file(self) -> Path:
@@ -88,7 +92,8 @@ class ServiceProcess:
     def log_file(self) -> Path:
         return self.cluster.data / "run" / f"{self.name}.log"
 
-    def start(self) -> ServiceProcess:
+    def start(self, init: bool | None = None) -> ServiceProcess:
+        """Start the process; ``init`` (default: on its first start only) passes ``--init``."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"{self.name} is already running")
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
@@ -99,10 +104,12 @@ class ServiceProcess:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, "--config", str(self.cluster.config_path),
-                 "--instance", self.name, "--data", str(self.cluster.data)],
+                 "--instance", self.name, "--data", str(self.cluster.data),
+                 *(["--init"] if (self.started == 0 if init is None else init) else [])],
                 stdout=log, stderr=log, env={**os.environ, **self.cluster.env})
         finally:
             log.close()
+        self.started += 1
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, tuple[str, int]]:
@@ -186,8 +193,8 @@ class TestCluster:
         self.config_path.write_text("\n".join(lines))
         return self.config_path
 
-    def start(self, name: str) -> ServiceProcess:
-        return self.procs[name].start()
+    def start(self, name: str, init: bool | None = None) -> ServiceProcess:
+        return self.procs[name].start(init)
 
     def start_all(self, names: list[str] | None = None, timeout: float = 30.0) -> None:
         """Start ``names`` (default: every instance), then wait until each is ready."""
