@@ -137,6 +137,7 @@ class LimitsConfig:
     command_timeout: float = _key(300.0, "seconds a client may take to finish one command (RFC 5321 4.5.3.2)", minimum=0.001)
     idle_timeout: float = _key(1800.0, "seconds an authenticated session may sit idle (RFC 9051 5.4)", minimum=0.001)
     auth_failures_before_delay: int = _key(3, "failed logins on one connection before replies are delayed", minimum=0)
+    quota_temporary: bool = _key(False, "answer an over-quota recipient 452 4.2.2 (retry) instead of 552 5.2.2 (bounce)")
 
     def __post_init__(self) -> None:
         _check_fields(self, "limits.")

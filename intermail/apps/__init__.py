@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from intermail import config as config_module
-from intermail.config import Config, ConfigError
+from intermail.config import ConfigError
 from intermail.log import setup_logging
 from intermail.net.runner import App, EXIT_START_FAILED, run
 

@@ -1,0 +1,1 @@
+"""The mail store: mailboxes, UIDs, flags, idempotent delivery, change notifications on the durable log engine."""
