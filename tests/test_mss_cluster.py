@@ -300,3 +300,45 @@ def test_garbage_on_the_ports_gets_errors_and_the_server_keeps_serving(cluster):
     with smtplib.LMTP(host, port) as lmtp:
         lmtp.ehlo("mta.test")
         assert lmtp.sendmail("sender@remote.test", [USERS[6]], message("after junk")) == {}
+
+
+# -- take-over by a spare --------------------------------------------------------------------
+
+
+def test_a_spare_takes_over_the_identity_and_nothing_acknowledged_is_lost(tmp_path):
+    cluster = make_cluster(tmp_path / "data")
+    cluster.add("mss1b", "mss", identity="mss1", role="spare", ports={"rpc": 0, "metrics": 0})
+    cluster.write()
+    try:
+        cluster.start_all(["dir1", "mss1", "mss1b"])
+        cli(cluster, "domain", "add", "example.org")
+        cli(cluster, "user", "add", USERS[0], "--password", "pw", "--mss", "mss1")
+        host, port = cluster.address("mss1", "lmtp")
+
+        async def deliver(idents: list[str]) -> None:
+            client = await LmtpTestClient.connect(host, port)
+            for ident in idents:
+                replies = await client.send("s@remote.test", [USERS[0]], message(ident),
+                                            params=[f"XDELIVERYKEY={ident}"])
+                assert replies[USERS[0]][0] == 250, replies
+            await client.close()
+
+        async def scenario() -> None:
+            async with RpcClient([cluster.address("mss1b", "rpc")]) as control:
+                assert (await control.call("mss.status"))["role"] == "spare"
+                await deliver([f"before{i}" for i in range(20)])
+                cluster.procs["mss1"].kill()
+                began = time.monotonic()
+                answer = await control.call("mss.takeover", {"bind_timeout": 10})
+                took = time.monotonic() - began
+                assert answer["identity"] == "mss1"
+                status = await control.call("mss.status")
+                assert status["role"] == "active" and status["took_over"] is True and status["ok"] is True
+            await deliver(["before3"] + [f"after{i}" for i in range(5)])  # a resend is still recognised
+            async with RpcClient([cluster.address("mss1", "rpc")]) as rpc:
+                subjects = sorted(await mailbox_subjects(rpc, USERS[0]))
+            assert subjects == sorted([f"before{i}" for i in range(20)] + [f"after{i}" for i in range(5)])
+            print(f"take-over answered in {took * 1000:.0f} ms")
+        asyncio.run(scenario())
+    finally:
+        cluster.stop_all()

@@ -20,6 +20,16 @@ account's quota 552 5.2.2 (452 4.2.2 with ``limits.quota_temporary``).
 After the message, per recipient: 250 2.1.5, over quota 552 5.2.2 / 452
 4.2.2, a store failure 451 4.3.0.
 
+Roles: ``active`` (or no role) owns the identity from the start.  A
+``spare`` for the same identity (its own address; the same ``store_dirs``,
+on shared storage) starts idle: it serves health and a control RPC on its
+own address (``ports.rpc``) and waits for ``mss.takeover``.  Take-over opens
+the store -- the engine bumps the epoch, fencing the old owner (I-6), and
+rolls the journal forward (I-3) -- then binds the identity's LMTP and RPC
+listeners (the address and ports of the identity's active entry), retrying
+while the old owner's sockets are still bound, and from then on serves as
+the active store.
+
 Invariants:
 
 - 250 after the message only once the message is durable (I-1): the
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -79,6 +90,7 @@ log = logging.getLogger("intermail.apps.mss")
 register_events({
     "mss.lmtp_delivered": "an LMTP message was answered (recipients, delivered, size)",
     "mss.fenced": "another process took this store over; this one stops",
+    "mss.takeover": "a spare takes the identity over: opens the store (fencing the old owner) and binds its ports",
 })
 
 DELIVERY_KEY_PARAM = "XDELIVERYKEY"
@@ -110,6 +122,19 @@ def store_options(config: Config, name: str) -> StoreOptions:
                         auto_checkpoint_bytes=s.checkpoint_interval_bytes, fsync=s.fsync)
 
 
+async def _bind_retrying(bind: Any, timeout: float) -> None:
+    """Bind, retrying while the address is still held (a dying owner's sockets) for up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await bind()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 class MssApp:
     """The runner's app for one mss instance (the active owner of its identity)."""
 
@@ -120,6 +145,14 @@ class MssApp:
             raise ConfigError(f"instance {name!r} is a {self.me.kind}, not an mss")
         self.identity = self.me.identity or name
         self.init = init
+        self.role = "spare" if self.me.role == "spare" else "active"
+        owners = [i for i in config.instances_of("mss") if (i.identity or i.name) == self.identity
+                  and i.role in ("active", "")]
+        if len(owners) != 1:
+            raise ConfigError(f"store identity {self.identity}: needs exactly one active instance, found {len(owners)}")
+        self.owner = owners[0]  # whose address and ports the identity has
+        self.took_over_at: float | None = None
+        self._takeover_lock = asyncio.Lock()
         self.options = store_options(config, name)
         self.mail: Mailstore | None = None
         self.directory: DirectoryClient | None = None
@@ -137,6 +170,41 @@ class MssApp:
 
     async def start(self, runner: Runner) -> None:
         self.runner = runner
+        if "metrics" in self.me.ports:
+            metrics = MetricsServer(self.registry, self.health, instance=self.me.name)
+            await metrics.listen(runner, self.me.address, self.me.ports["metrics"])
+        if self.role == "spare":
+            control = RpcServer({"mss.takeover": self._takeover_call, "mss.status": self._status_call},
+                                instance=self.me.name)
+            await control.listen(runner, "control", self.me.address, self.me.ports.get("rpc", 0))
+            return
+        await self._activate(runner)
+
+    async def _takeover_call(self, ctx: Any, args: dict) -> dict:
+        timeout = args.get("bind_timeout", 30.0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= 600:
+            raise MailError(ErrorKind.INVALID, safe="bind_timeout must be seconds")
+        began = time.monotonic()
+        async with self._takeover_lock:
+            if self.mail is None:
+                assert self.runner is not None
+                log_event(log, "mss.takeover", identity=self.identity)
+                try:
+                    await self._activate(self.runner, bind_timeout=float(timeout))
+                except Exception as exc:
+                    # Half taken over (the store may be open, a port not bound):
+                    # exit, and let the supervisor start a clean spare.
+                    self.runner.request_stop(exit_code=1, reason="take-over failed")
+                    raise MailError(ErrorKind.UNAVAILABLE, safe="take-over failed",
+                                    detail=f"{type(exc).__name__}: {exc}") from None
+                self.took_over_at = time.monotonic()
+        return {"identity": self.identity, "seconds": round(time.monotonic() - began, 3),
+                **{k: v for k, v in (await self.health()).items() if k in ("epoch", "applied_seq")}}
+
+    async def _status_call(self, ctx: Any, args: dict) -> dict:
+        return await self.health()
+
+    async def _activate(self, runner: Runner, bind_timeout: float = 0.0) -> None:
         missing = [d for d in self.options.mirrors if not os.path.isdir(d)]
         if missing and not self.init:
             raise ConfigError(f"store {self.identity}: missing directories {missing};"
@@ -148,11 +216,11 @@ class MssApp:
         service = MailstoreService(self.mail, max_message=self.config.limits.message_size)
         rpc = RpcServer(service.handlers(), instance=self.me.name)
         service.attach(rpc)
-        await rpc.listen(runner, "rpc", self.me.address, self.me.ports.get("rpc", 0))
-        await runner.listen("lmtp", self.me.address, self.me.ports.get("lmtp", 0), self.lmtp_session)
-        if "metrics" in self.me.ports:
-            metrics = MetricsServer(self.registry, self.health, instance=self.me.name)
-            await metrics.listen(runner, self.me.address, self.me.ports["metrics"])
+        address = self.owner.address
+        await _bind_retrying(lambda: rpc.listen(runner, "rpc", address, self.owner.ports.get("rpc", 0)),
+                             bind_timeout)
+        await _bind_retrying(lambda: runner.listen("lmtp", address, self.owner.ports.get("lmtp", 0),
+                                                   self.lmtp_session), bind_timeout)
         self._spawn(self._prune_keys())
 
     async def stop(self) -> None:
@@ -176,10 +244,13 @@ class MssApp:
                 await self.mail.prune_keys()
 
     async def health(self) -> dict[str, Any]:
-        assert self.mail is not None
+        base = {"kind": "mss", "identity": self.identity, "instance": self.me.name}
+        if self.mail is None:
+            return {"status": "ok" if self.role == "spare" else "starting", "role": self.role, **base}
         store = self.mail.health()
-        return {"status": "ok" if store["ok"] else "failed", "kind": "mss", "identity": self.identity,
-                "role": self.me.role or "active", **store}
+        role = "active" if self.role == "active" or self.took_over_at is not None else "spare"
+        return {"status": "ok" if store["ok"] else "failed", "role": role, "took_over": self.took_over_at is not None,
+                **base, **store}
 
     def _store_failed(self, exc: MailError) -> None:
         """A failed store cannot take mail any more: fenced, stop now; otherwise exit and recover (I-3)."""

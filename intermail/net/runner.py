@@ -95,6 +95,7 @@ class Runner:
         self._signals: list[int] = []
         self._stop_reason = ""
         self._shut_down = False
+        self._ready = False  # the ready file has been written
 
     # -- listeners and connections -------------------------------------------------
 
@@ -132,6 +133,9 @@ class Runner:
         self._servers[name] = server
         self.addresses[name] = bound
         log_event(log, "runner.listening", listener=name, host=bound[0], port=bound[1], tls=ssl is not None)
+        if self._ready and self.ready_file is not None:
+            # a listener opened after start (a spare taking over): publish it too
+            write_ready_file(self.ready_file, self.addresses, instance=self.instance)
         return bound
 
     @property
@@ -176,6 +180,7 @@ class Runner:
         await self.app.start(self)
         if self.ready_file is not None:
             write_ready_file(self.ready_file, self.addresses, instance=self.instance)
+        self._ready = True
         loop = asyncio.get_running_loop()
         log_event(
             log, "runner.ready",
