@@ -174,7 +174,7 @@ def _msg_add(conn: sqlite3.Connection, d: dict) -> None:
          s.get("subject", ""), s.get("message_id", ""), s.get("date")))
     if d.get("key"):
         conn.execute("INSERT INTO deliveries (key, mailbox, uid, time) VALUES (?, ?, ?, ?)",
-                     (d["key"], d["mailbox"], d["uid"], d["date"]))
+                     (d["key"], d["mailbox"], d["uid"], d.get("key_time", d["date"])))
     _bump(conn, d["mailbox"], d["uid"] + 1, d["modseq"])
 
 

@@ -19,6 +19,9 @@ def parse_message(data: bytes) -> tuple[str, dict[str, Any]]:
     """(info JSON, search columns) for ``data``; never raises for malformed mail."""
     info = mime.scan(data)
     s = info.search
+    # SENT* compare the header's own calendar day (RFC 3501 §6.4.4): keep its
+    # wall-clock time (UTC plus the header's zone), so day arithmetic in UTC works.
+    sent = None if s.date is None else s.date + 60 * (s.date_tz or 0)
     search = {"from": s.from_, "to": s.to, "cc": s.cc, "bcc": s.bcc, "subject": s.subject,
-              "message_id": (s.message_id or "").lower(), "date": s.date}
+              "message_id": (s.message_id or "").lower(), "date": sent}
     return mime.to_json(info), search

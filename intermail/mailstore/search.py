@@ -43,6 +43,7 @@ from intermail.errors import ErrorKind, MailError
 from intermail.mailstore import names
 
 MAX_NODES = 1000
+MAX_DEPTH = 20  # nesting of and/or/not (SQLite's parser and our recursion both have limits)
 MAX_TEXT = 1024
 DAY = 86400
 INDEXED_HEADERS = {"from": "h_from", "to": "h_to", "cc": "h_cc", "bcc": "h_bcc", "subject": "h_subject",
@@ -87,14 +88,14 @@ class Query:
 
     def __init__(self, tree: Any):
         self._count = 0
-        self.tree = self._check(tree)
+        self.tree = self._check(tree, 0)
         self.needs_body = self._needs_body(self.tree)
 
     # -- checking ------------------------------------------------------------------
 
-    def _check(self, node: Any) -> list:
+    def _check(self, node: Any, depth: int) -> list:
         self._count += 1
-        if self._count > MAX_NODES:
+        if self._count > MAX_NODES or depth > MAX_DEPTH:
             raise MailError(ErrorKind.LIMIT, safe="search too complex")
         if not isinstance(node, list) or not node or not isinstance(node[0], str):
             raise _invalid("each criterion is a list starting with its name")
@@ -102,11 +103,11 @@ class Query:
         if op == "all" and not args:
             return [op]
         if op == "and":
-            return [op, *(self._check(a) for a in args)]
+            return [op, *(self._check(a, depth + 1) for a in args)]
         if op == "or" and len(args) == 2:
-            return [op, self._check(args[0]), self._check(args[1])]
+            return [op, self._check(args[0], depth + 1), self._check(args[1], depth + 1)]
         if op == "not" and len(args) == 1:
-            return [op, self._check(args[0])]
+            return [op, self._check(args[0], depth + 1)]
         if op == "uid" and len(args) == 1:
             return [op, names.uid_ranges(args[0])]
         if op in ("flag", "unflag") and len(args) == 1:
@@ -179,11 +180,12 @@ class Query:
             column = "sent_date" if op.startswith("sent") else "internaldate"
             kind = op[4:] if op.startswith("sent") else op
             day = node[1]
+            # never NULL, so NOT(...) of a message without a Date header is true, as in Python
             if kind == "before":
-                return f"{column} < ?", [day]
+                return f"COALESCE({column} < ?, 0)", [day]
             if kind == "since":
-                return f"{column} >= ?", [day]
-            return f"{column} >= ? AND {column} < ?", [day, day + DAY]
+                return f"COALESCE({column} >= ?, 0)", [day]
+            return f"COALESCE({column} >= ? AND {column} < ?, 0)", [day, day + DAY]
         if op == "header":
             return f"instr({INDEXED_HEADERS[node[1]]}, ?) > 0", [node[2]]
         raise AssertionError(op)  # body nodes never reach SQL

@@ -217,6 +217,8 @@ class MailstoreService:
     async def _body(self, ctx: CallContext, args: dict) -> Streamed:
         a = _Args(args, {"user", "name", "uid", "offset", "length"})
         user, name, uid = a.text("user"), a.text("name"), a.integer("uid", minimum=1)
+        if uid is None:
+            raise _invalid("missing argument 'uid'")
         offset, length = a.integer("offset", default=0), a.integer("length")
         # look the message up now, so a missing one is an ERROR, not a broken body
         if not await self.mail.fetch(user, name, [(uid, uid)], with_info=False):

@@ -47,6 +47,7 @@ Logs: ``mailstore.delivered`` (debug), ``mailstore.duplicate``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -325,10 +326,10 @@ class Mailstore:
                     results[i] = MailError(ErrorKind.INVALID, safe="bad delivery key")
                     continue
                 pending = self._inflight_keys.get(r.key)
-                if pending is not None:
-                    waits.append((i, pending))
-                elif r.key in mine:
+                if r.key in mine:
                     results[i] = MailError(ErrorKind.INVALID, safe="delivery key repeated in one transaction")
+                elif pending is not None:
+                    waits.append((i, pending))
                 else:
                     self._inflight_keys[r.key] = asyncio.get_running_loop().create_future()
                     mine.append(r.key)
@@ -362,7 +363,7 @@ class Mailstore:
                 blob = txn.put_blob(data)
                 txn.add(MSG_ADD, encode({"mailbox": box.id, "uid": uid, "blob": blob, "size": len(data),
                                          "date": now, "modseq": box.highestmodseq, "flags": "", "info": info,
-                                         "key": r.key, "search": search}))
+                                         "key": r.key, "key_time": self._clock(), "search": search}))
                 added.append((i, box, uid, len(data)))
             if added:
                 try:
@@ -501,13 +502,19 @@ class Mailstore:
             box = self._mailbox(user, name)
             if box.name == names.INBOX:
                 raise MailError(ErrorKind.PERM, safe="INBOX cannot be deleted")
-            txn = self.store.transaction()
-            freed = await self._free_blobs(txn, box.id, None)
-            txn.add(MBOX_DELETE, encode({"id": box.id}))
-            await self._commit(txn)
+            # Gone for lock-free deliveries from now on: one that already took
+            # a UID here is queued before our read below, which then sees it.
+            del self._by_name[(user, box.name)]
+            try:
+                txn = self.store.transaction()
+                freed = await self._free_blobs(txn, box.id, None)
+                txn.add(MBOX_DELETE, encode({"id": box.id}))
+                await self._commit(txn)
+            except BaseException:
+                self._by_name[(user, box.name)] = box.id
+                raise
             u.usage -= freed
             del self._mailboxes[box.id]
-            del self._by_name[(user, box.name)]
         self._notify(box.id, {"event": "gone"})
         self._listeners.pop(box.id, None)
 
@@ -543,6 +550,13 @@ class Mailstore:
             for other in list(self._mailboxes.values()):
                 if other.user == user and names.is_inferior(other.name, box.name):
                     renames.append((other, new + other.name[len(box.name):]))
+            moving = {b.id for b, _ in renames}
+            for _, target in renames:
+                holder = self._by_name.get((user, target))
+                if holder is not None and holder not in moving:
+                    raise MailError(ErrorKind.EXISTS, safe="a mailbox with a new name already exists")
+                if len(target.encode("utf-8")) > names.MAX_NAME:
+                    raise MailError(ErrorKind.LIMIT, safe="mailbox name too long")
             txn.add(MBOX_RENAME, encode({"renames": [[b.id, n] for b, n in renames]}))
             await self._commit(txn)
             for b in created:
@@ -814,11 +828,28 @@ def _range_clause(conn, box_id: int, ranges: names.UidRanges | None) -> tuple[st
     if any(low == -1 or high == -1 for low, high in ranges):
         max_uid = conn.execute("SELECT COALESCE(MAX(uid), 0) FROM messages WHERE mailbox = ?",
                                (box_id,)).fetchone()[0]
-    parts, args = [], []
-    for low, high in names.resolve_ranges(ranges, max_uid):
-        parts.append("uid BETWEEN ? AND ?")
-        args += [low, high]
-    if not parts:
+    merged = _merge(names.resolve_ranges(ranges, max_uid))
+    if not merged:
         return " AND 0", ()
-    return " AND (" + " OR ".join(parts) + ")", tuple(args)
+    if len(merged) <= 64:
+        parts, args = [], []
+        for low, high in merged:
+            parts.append("uid BETWEEN ? AND ?")
+            args += [low, high]
+        return " AND (" + " OR ".join(parts) + ")", tuple(args)
+    # Many ranges: one parameter, however many (SQLite limits expression depth).
+    return (" AND uid BETWEEN ? AND ? AND EXISTS (SELECT 1 FROM json_each(?) j WHERE uid BETWEEN"
+            " j.value ->> 0 AND j.value ->> 1)",
+            (merged[0][0], merged[-1][1], json.dumps(merged)))
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping and adjacent ranges joined."""
+    out: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], high))
+        else:
+            out.append((low, high))
+    return out
 
