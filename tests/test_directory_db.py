@@ -159,7 +159,7 @@ def test_resolve(db):
     assert db.resolve("team@example.org") == AliasExpansion(
         "team@example.org", (alice, bob), ("out@remote.net",), ("ghost@example.org",), False)
     assert db.resolve("nobody@example.org") == Unknown("nobody@example.org")
-    assert db.resolve("alice@remote.net") == Unknown("alice@remote.net")
+    assert db.resolve("alice@remote.net") == Unknown("alice@remote.net", hosted=False)
     fails(ErrorKind.INVALID, db.resolve, "alice@@example.org")
 
 

@@ -258,7 +258,7 @@ async def test_primary_writes_return_seq_and_reads_see_them(env):
     assert isinstance(anyone, AliasExpansion) and anyone.via_catch_all
     assert [a.address for a in anyone.accounts] == ["bob@example.org"]
     assert await rpc.call("resolve", {"address": "who@elsewhere.test"}) == {
-        "result": "unknown", "address": "who@elsewhere.test"}
+        "result": "unknown", "address": "who@elsewhere.test", "hosted": False}
 
     carol = (await rpc.call("user.show", {"address": "carol@example.org"}))["account"]
     assert (carol["quota_bytes"], carol["mss"], carol["status"]) == (1000, "mss2", "active")

@@ -128,9 +128,10 @@ class AliasExpansion:
 
 @dataclass(frozen=True)
 class Unknown:
-    """No account, alias or catch-all for this address (or a domain we do not host)."""
+    """No account, alias or catch-all for this address; ``hosted`` False: a domain we do not host."""
 
     address: str
+    hosted: bool = True
 
 
 Resolution = Account | AliasExpansion | Unknown
@@ -458,7 +459,7 @@ class DirectoryDB:
         key = str(addr)
         with self._read() as conn:
             if not _domain_exists(conn, addr.domain):
-                return Unknown(key)
+                return Unknown(key, hosted=False)
             row = _account_row(conn, key)
             if row is not None:
                 return _account(row)

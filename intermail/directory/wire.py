@@ -136,7 +136,7 @@ def encode_resolution(resolution: Resolution) -> dict[str, Any]:
                 "accounts": [encode_account(a) for a in resolution.accounts],
                 "remote": list(resolution.remote), "unknown": list(resolution.unknown),
                 "via_catch_all": resolution.via_catch_all}
-    return {"result": "unknown", "address": resolution.address}
+    return {"result": "unknown", "address": resolution.address, "hosted": resolution.hosted}
 
 
 def decode_resolution(data: Mapping[str, Any]) -> Resolution:
@@ -149,7 +149,7 @@ def decode_resolution(data: Mapping[str, Any]) -> Resolution:
                                   tuple(map(str, data["remote"])), tuple(map(str, data["unknown"])),
                                   bool(data["via_catch_all"]))
         if kind == "unknown":
-            return Unknown(str(data["address"]))
+            return Unknown(str(data["address"]), bool(data.get("hosted", True)))
     except (KeyError, TypeError, ValueError) as exc:
         raise MailError(ErrorKind.TEMP, safe="malformed directory answer", detail=repr(exc)) from None
     raise MailError(ErrorKind.TEMP, safe="malformed directory answer", detail=f"result {kind!r}")
