@@ -65,9 +65,42 @@ def _run_directory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_lmtp_row(result: dict) -> None:
+    baseline = "unavailable" if result["baseline"] is None else f"{result['baseline']:>10,.1f}"
+    ratio = "-" if result["ratio"] is None else f"{result['ratio']:.2f}x"
+    errors = result["errors"]
+    print(f"{result['case']:<28} ours {result['ours']:>10,.1f} {result['metric']:<13} baseline {baseline}  "
+          f"ratio {ratio}  errors {errors['ours']}/{'-' if errors['baseline'] is None else errors['baseline']}",
+          flush=True)
+
+
+def _run_lmtp(args: argparse.Namespace) -> int:
+    from intermail.admin.bench_lmtp import message_parts, run_bench
+    from intermail.net.runner import loop_factory
+
+    try:
+        message_parts(args.size)
+    except ValueError as exc:
+        print(f"intermail: {exc}", file=sys.stderr)
+        return 2
+    progress = None if args.json else _print_lmtp_row
+    if not args.json:
+        print(f"lmtp bench: {args.size} B messages, 1 recipient each, {args.seconds:g} s per case; ours = mssd "
+              "(fsync on, 2 mirrors by default), baseline = Dovecot LMTP (sdbox, default fsync)", flush=True)
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        report = runner.run(run_bench(args.concurrency, args.seconds, args.size, args.users, args.dir, progress))
+    if args.json:
+        json.dump(report, sys.stdout)
+        print()
+    else:
+        for note in report["notes"]:
+            print(f"note: {note}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark against a baseline measured in the same run")
-    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory}", required=True)
+    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory,lmtp}", required=True)
     storage = whats.add_parser("storage", help="durable log commits/s vs raw write+fdatasync of the same disk")
     storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     storage.add_argument("--dir", default=None,
@@ -92,3 +125,13 @@ def register(subparsers: Any) -> None:
     directory.add_argument("--memory-kib", type=int, default=None, help="argon2id memory in KiB (default: config's)")
     directory.add_argument("--parallelism", type=int, default=None, help="argon2id lanes (default: config's)")
     directory.set_defaults(run=_run_directory)
+
+    lmtp = whats.add_parser("lmtp", help="LMTP deliveries/s into our mssd vs Dovecot's LMTP, same run")
+    lmtp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    lmtp.add_argument("--dir", default=None, help="where the throw-away servers keep their data (default: temp)")
+    lmtp.add_argument("--concurrency", type=_int_list, default=[1, 16, 64],
+                      help="comma-separated LMTP connection counts (default 1,16,64)")
+    lmtp.add_argument("--seconds", type=float, default=3.0, help="measuring time per case and server (default 3)")
+    lmtp.add_argument("--size", type=int, default=10240, help="message size in bytes (default 10240)")
+    lmtp.add_argument("--users", type=int, default=64, help="accounts the recipients rotate over (default 64)")
+    lmtp.set_defaults(run=_run_lmtp)
