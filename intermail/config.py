@@ -166,6 +166,33 @@ class DirectoryConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    concurrency: int = _key(64, "messages the queue manager attempts at once", minimum=1)
+    per_destination: int = _key(32, "transactions at once per destination (a store, a remote domain)", minimum=1)
+    retry_base: float = _key(60.0, "seconds before the first retry; doubled after each attempt", minimum=0.01)
+    retry_max: float = _key(3600.0, "longest wait between two attempts, seconds", minimum=0.01)
+    lifetime: float = _key(5 * 86400.0, "seconds a message may stay queued before its pending recipients bounce (4.4.7)", minimum=1.0)
+    smtp_port: int = _key(25, "port of remote MX hosts (tests point it at a sink)", minimum=1)
+    connect_timeout: float = _key(30.0, "seconds to open a connection to a store or a remote MX", minimum=0.01)
+    data_timeout: float = _key(600.0, "seconds for a whole delivery transaction", minimum=0.01)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "queue.")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = _key("", "PEM certificate chain for STARTTLS (SMTP, submission, IMAP, POP3); empty: no STARTTLS")
+    key_file: str = _key("", "PEM private key of cert_file")
+    auth_without_tls: bool = _key(False, "allow AUTH/LOGIN over plaintext (only for test clusters on loopback)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "tls.")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise _Invalid("tls.key_file", "cert_file and key_file go together")
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     loop: str = _key("auto", "event loop: auto (uvloop when installed), asyncio or uvloop", choices=LOOPS)
     drain_timeout: float = _key(10.0, "seconds live connections get to finish after SIGTERM before they are cancelled", minimum=0.0)
@@ -210,6 +237,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     instances: tuple[InstanceConfig, ...] = ()
     source: str | None = field(default=None, compare=False)  # file it came from; None = defaults
 
@@ -254,6 +283,8 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "runner": RunnerConfig,
     "directory": DirectoryConfig,
+    "queue": QueueConfig,
+    "tls": TlsConfig,
 }
 INSTANCE_TABLE = "instance"
 

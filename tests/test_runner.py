@@ -7,6 +7,7 @@ a tiny echo app in a child process (``python -c``) and send it SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -226,6 +227,151 @@ def test_listen_rejects_duplicates():
             await runner.listen("b", "127.0.0.1", 0, app.handle)
 
     run_on("asyncio", scenario())
+
+
+class LineEchoProtocol(asyncio.Protocol):
+    """An echo server that is an asyncio protocol (as aiosmtpd's SMTP is), with a task per connection."""
+
+    instances: list[LineEchoProtocol] = []
+
+    def __init__(self):
+        self.transport = None
+        self.lines: asyncio.Queue[bytes] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+        self.context: dict = {}
+        self.lost = False
+        LineEchoProtocol.instances.append(self)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.task = asyncio.get_running_loop().create_task(self.serve())
+
+    async def serve(self):
+        from intermail.log import current_context
+
+        self.context = dict(current_context())
+        while True:
+            self.transport.write(await self.lines.get())
+
+    def data_received(self, data):
+        self.lines.put_nowait(data)
+
+    def connection_lost(self, exc):
+        self.lost = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+class ProtocolApp(EchoApp):
+    async def start(self, runner: Runner) -> None:
+        self.runner = runner
+        await runner.listen_protocol("echo", "127.0.0.1", 0, LineEchoProtocol)
+        self.started.set()
+
+
+def test_listen_protocol_tracks_connections_and_drains(loop_name, caplog):
+    caplog.set_level(logging.INFO)
+    LineEchoProtocol.instances.clear()
+
+    async def scenario():
+        app = ProtocolApp()
+        runner = Runner(app, drain_timeout=30, install_signals=False)
+        serving = asyncio.ensure_future(runner.serve())
+        await asyncio.wait_for(app.started.wait(), 5)
+        address = runner.addresses["echo"]
+        assert address[0] == "127.0.0.1" and address[1] > 0
+        reader, writer = await asyncio.open_connection(*address)
+        assert await echo_once(reader, writer, b"one\n") == b"one\n"
+        assert runner.connection_count == 1
+        # the protocol's own task runs in the connection's log context
+        protocol = LineEchoProtocol.instances[0]
+        assert protocol.context["session_id"] and protocol.context["peer"].startswith("127.0.0.1:")
+
+        # a connection that ends by itself leaves the set
+        reader2, writer2 = await asyncio.open_connection(*address)
+        assert await echo_once(reader2, writer2, b"two\n") == b"two\n"
+        assert runner.connection_count == 2
+        writer2.close()
+        async with asyncio.timeout(5):
+            while runner.connection_count != 1:
+                await asyncio.sleep(0.01)
+
+        runner.request_stop(reason="test")
+        async with asyncio.timeout(5):
+            while not runner.stopping.is_set():
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not serving.done()  # the live connection holds the drain
+        with pytest.raises(OSError):  # the listener is closed
+            await asyncio.open_connection(*address)
+        assert await echo_once(reader, writer, b"during\n") == b"during\n"
+        writer.close()
+        assert await asyncio.wait_for(serving, 5) == 0
+        assert runner.connection_count == 0 and app.stop_calls == 1
+
+    run_on(loop_name, scenario())
+    assert "runner.cancelled" not in events(caplog)
+    assert all(p.lost for p in LineEchoProtocol.instances)
+
+
+def test_listen_protocol_drain_timeout_aborts_the_connection(loop_name, caplog):
+    caplog.set_level(logging.INFO)
+    LineEchoProtocol.instances.clear()
+
+    async def scenario():
+        app = ProtocolApp()
+        runner = Runner(app, drain_timeout=0.2, install_signals=False)
+        serving = asyncio.ensure_future(runner.serve())
+        await asyncio.wait_for(app.started.wait(), 5)
+        reader, writer = await asyncio.open_connection(*runner.addresses["echo"])
+        assert await echo_once(reader, writer, b"x\n") == b"x\n"
+        assert runner.connection_count == 1
+        runner.request_stop(reason="test")
+        assert await asyncio.wait_for(serving, 5) == 0
+        assert runner.connection_count == 0
+        with contextlib.suppress(ConnectionResetError):  # aborted: a reset or an EOF
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert LineEchoProtocol.instances[0].lost  # the protocol saw its connection go
+
+    run_on(loop_name, scenario())
+    assert "runner.cancelled" in events(caplog)
+
+
+def test_listen_protocol_factory_failure_is_contained(loop_name, caplog):
+    caplog.set_level(logging.INFO)
+
+    class Broken(asyncio.Protocol):
+        def connection_made(self, transport):
+            raise ValueError("protocol bug")
+
+    class App(EchoApp):
+        async def start(self, runner):
+            self.runner = runner
+            await runner.listen_protocol("broken", "127.0.0.1", 0, Broken)
+            await runner.listen_protocol("echo", "127.0.0.1", 0, LineEchoProtocol)
+            self.started.set()
+
+    async def scenario():
+        app = App()
+        runner = Runner(app, install_signals=False)
+        serving = asyncio.ensure_future(runner.serve())
+        await asyncio.wait_for(app.started.wait(), 5)
+        reader, writer = await asyncio.open_connection(*runner.addresses["broken"])
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        async with asyncio.timeout(5):
+            while runner.connection_count:
+                await asyncio.sleep(0.01)
+        with pytest.raises(ValueError, match="already open"):
+            await runner.listen_protocol("echo", "127.0.0.1", 0, LineEchoProtocol)
+        runner.request_stop()
+        assert await asyncio.wait_for(serving, 5) == 0
+
+    run_on(loop_name, scenario())
+    failed = [r for r in caplog.records if getattr(r, "im_event", None) == "runner.handler_failed"]
+    assert len(failed) == 1 and failed[0].im_context["session_id"]
 
 
 def test_loop_factory():

@@ -47,6 +47,7 @@ from intermail import config as config_module
 VERB_MODULES: tuple[str, ...] = (
     "intermail.admin.bench",
     "intermail.admin.directory",
+    "intermail.admin.queue",
 )
 
 DATA_ENV = "INTERMAIL_DATA"

@@ -1,7 +1,8 @@
 """The one runner skeleton every server kind starts on (after Postfix's single_server_main).
 
 Owns: a process's listeners, its live connections and its life cycle:
-start the app (which opens listeners with :meth:`Runner.listen`, port 0
+start the app (which opens listeners with :meth:`Runner.listen`, or
+:meth:`Runner.listen_protocol` for a library that is an asyncio protocol; port 0
 allowed), record each listener's real ``(host, port)`` in
 :attr:`Runner.addresses`, optionally publish them in a JSON *ready file*,
 serve until SIGTERM/SIGINT (or :meth:`Runner.request_stop`), then drain and
@@ -22,7 +23,10 @@ Shutdown order, and why:
 Invariants: every connection task is tracked from accept to close and its
 socket is closed when its handler returns, however it returns; each
 connection runs with a fresh ``session_id`` and its ``peer`` in the log
-context, so every line its handler logs carries them.
+context, so every line its handler logs carries them.  A protocol
+connection (:meth:`Runner.listen_protocol`) is tracked the same way, by a
+watcher task that lives from its ``connection_made`` to its
+``connection_lost`` and aborts the transport when it is cancelled.
 
 Logs: ``runner.listening``, ``runner.ready``, ``runner.draining``,
 ``runner.cancelled``, ``runner.handler_failed``, ``runner.start_failed``,
@@ -49,6 +53,7 @@ from intermail.log import log_context, log_event
 log = logging.getLogger("intermail.net.runner")
 
 ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 EXIT_OK = 0
 EXIT_START_FAILED = 1
@@ -117,10 +122,7 @@ class Runner:
         limit (reading pauses above twice that).  Should ``host`` resolve to
         several addresses, the first bound socket is the one recorded.
         """
-        if name in self._servers:
-            raise ValueError(f"listener {name!r} is already open")
-        if self.stopping.is_set():
-            raise RuntimeError("the runner is stopping: no new listeners")
+        self._check_new_listener(name)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._serve_connection(name, handler, reader, writer)
@@ -128,11 +130,51 @@ class Runner:
         server = await asyncio.start_server(
             on_connect, host, port, ssl=ssl, limit=limit, reuse_port=reuse_port, backlog=backlog
         )
+        return self._record_listener(name, server, tls=ssl is not None)
+
+    async def listen_protocol(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        factory: ProtocolFactory,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        reuse_port: bool | None = None,
+        backlog: int = 100,
+    ) -> tuple[str, int]:
+        """Like :meth:`listen`, for a server whose connections are asyncio protocols from ``factory``.
+
+        For libraries that are protocols themselves (aiosmtpd's ``SMTP``).
+        Each connection is tracked like a stream connection: from its first
+        ``connection_made`` to its ``connection_lost`` it counts in
+        :attr:`connection_count` and holds the drain; past the drain timeout
+        its transport is aborted.  Its ``connection_made`` runs in a log
+        context with a fresh ``session_id`` and its ``peer``, so the tasks
+        the protocol starts there log with them.  A protocol that swaps its
+        transport (STARTTLS: ``connection_made`` again, with the TLS
+        transport) is still the same connection.
+        """
+        self._check_new_listener(name)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: self._track_protocol(name, factory()), host, port, ssl=ssl, reuse_port=reuse_port,
+            backlog=backlog,
+        )
+        return self._record_listener(name, server, tls=ssl is not None)
+
+    def _check_new_listener(self, name: str) -> None:
+        if name in self._servers:
+            raise ValueError(f"listener {name!r} is already open")
+        if self.stopping.is_set():
+            raise RuntimeError("the runner is stopping: no new listeners")
+
+    def _record_listener(self, name: str, server: asyncio.AbstractServer, *, tls: bool) -> tuple[str, int]:
         sockname = server.sockets[0].getsockname()
         bound = (str(sockname[0]), int(sockname[1]))
         self._servers[name] = server
         self.addresses[name] = bound
-        log_event(log, "runner.listening", listener=name, host=bound[0], port=bound[1], tls=ssl is not None)
+        log_event(log, "runner.listening", listener=name, host=bound[0], port=bound[1], tls=tls)
         if self._ready and self.ready_file is not None:
             # a listener opened after start (a spare taking over): publish it too
             write_ready_file(self.ready_file, self.addresses, instance=self.instance)
@@ -142,17 +184,23 @@ class Runner:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def _add_connection(self, task: asyncio.Task) -> None:
+        self._connections.add(task)
+        self._no_connections.clear()
+
+    def _remove_connection(self, task: asyncio.Task) -> None:
+        self._connections.discard(task)
+        if not self._connections:
+            self._no_connections.set()
+
     async def _serve_connection(
         self, name: str, handler: ConnectionHandler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
-        self._no_connections.clear()
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        self._add_connection(task)
         try:
-            with log_context(session_id=new_session_id(), peer=peer_text):
+            with log_context(session_id=new_session_id(), peer=_peer_text(writer.get_extra_info("peername"))):
                 try:
                     await handler(reader, writer)
                 except (ConnectionError, asyncio.IncompleteReadError):
@@ -160,12 +208,72 @@ class Runner:
                 except Exception:
                     log_event(log, "runner.handler_failed", level=logging.ERROR, exc_info=True, listener=name)
         finally:
-            self._connections.discard(task)
-            if not self._connections:
-                self._no_connections.set()
+            self._remove_connection(task)
             # Close the socket even when the handler forgot to or was cancelled;
             # not awaiting wait_closed() here keeps cancellation prompt.
             writer.close()
+
+    def _track_protocol(self, name: str, protocol: asyncio.BaseProtocol) -> asyncio.BaseProtocol:
+        """Hook ``protocol``'s connection_made/lost so that its connection is tracked (see listen_protocol).
+
+        The hooks are set on the instance rather than by wrapping the protocol
+        in a proxy: a protocol that starts TLS itself (aiosmtpd's STARTTLS)
+        hands its transport to an SSLProtocol, which from then on calls the
+        protocol directly, past any proxy, and its connection_lost would be missed.
+        """
+        loop = asyncio.get_running_loop()
+        protocol_made = protocol.connection_made
+        protocol_lost = protocol.connection_lost
+        closed: asyncio.Future[None] = loop.create_future()
+        watcher: asyncio.Task | None = None
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            nonlocal watcher
+            if watcher is not None:  # the same connection, on a new transport (STARTTLS)
+                protocol_made(transport)
+                return
+            with log_context(session_id=new_session_id(), peer=_peer_text(transport.get_extra_info("peername"))):
+                watcher = loop.create_task(self._watch_protocol(transport, closed))
+                self._add_connection(watcher)
+                watcher.add_done_callback(lambda task: self._protocol_watch_done(task, transport, closed))
+                try:
+                    protocol_made(transport)
+                except Exception:
+                    log_event(log, "runner.handler_failed", level=logging.ERROR, exc_info=True, listener=name)
+                    transport.abort()
+                    if not closed.done():
+                        closed.set_result(None)
+
+        def connection_lost(exc: Exception | None) -> None:
+            try:
+                protocol_lost(exc)
+            finally:
+                if not closed.done():
+                    closed.set_result(None)
+
+        # Instance attributes shadow the class's methods for every caller.
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        return protocol
+
+    async def _watch_protocol(self, transport: asyncio.BaseTransport, closed: asyncio.Future[None]) -> None:
+        """Stands for one protocol connection in the connection set, until it is lost."""
+        try:
+            await asyncio.shield(closed)
+        except asyncio.CancelledError:
+            # The drain is over: drop the connection (the transport, whatever
+            # protocol now sits on it) and give connection_lost a moment to run.
+            transport.abort()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(CANCEL_GRACE):
+                    await asyncio.shield(closed)
+            raise
+
+    def _protocol_watch_done(self, task: asyncio.Task, transport: asyncio.BaseTransport,
+                             closed: asyncio.Future[None]) -> None:
+        self._remove_connection(task)
+        if not closed.done():
+            transport.abort()  # cancelled before it ever ran: the connection must still go
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -312,6 +420,10 @@ class Runner:
             self._hurry.set()  # asked twice: stop waiting for stragglers
         else:
             self.request_stop(reason=signal.Signals(sig).name)
+
+
+def _peer_text(peer: object) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
 
 # -- ready file -------------------------------------------------------------------------
