@@ -261,3 +261,105 @@ def test_store_down_defers_then_delivers_and_a_permanent_failure_bounces(cluster
     async def bounced() -> bool:
         return any("Undelivered" in s for s, _ in await inbox(cluster, USERS[3]))
     asyncio.run(wait_for(bounced, timeout=30))
+
+
+# -- 4. a queue mirror fills up under load ------------------------------------------------------
+
+
+def test_a_queue_mirror_failing_under_load_costs_no_client_an_error_and_loses_nothing(tmp_path):
+    from intermail.testing import fs
+    try:
+        mount = fs.tiny_tmpfs(tmp_path / "small", "3m")
+        small = mount.__enter__()
+    except fs.MountUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        cluster = TestCluster(tmp_path / "data", sections={
+            "directory": {"hash_time_cost": 1, "hash_memory_kib": 8, "hash_parallelism": 1},
+            "storage": {"segment_bytes": 1 << 20},
+            "queue": {"retry_base": 0.3, "retry_max": 1.0}, "log": {"level": "INFO"}})
+        cluster.add("dir1", "directory", role="primary", ports={"rpc": 0})
+        cluster.add("mss1", "mss", identity="mss1", role="active", ports={"lmtp": 0, "rpc": 0})
+        cluster.add("mta1", "mta", ports={"smtp": 0, "rpc": 0, "metrics": 0},
+                    store_dirs=[str(tmp_path / "queue-a"), str(small / "queue-b")])
+        cluster.write()
+        cluster.start_all(["dir1", "mss1", "mta1"])
+        try:
+            cli(cluster, "domain", "add", "example.org")
+            cli(cluster, "user", "add", USERS[0], "--password", "pw", "--mss", "mss1")
+            host, port = cluster.address("mta1", "smtp")
+
+            async def scenario() -> None:
+                async def send(n: int) -> None:
+                    for i in range(15):
+                        await aiosmtplib.send(message(f"s{n}m{i}", size=30_000), sender="a@remote.test",
+                                              recipients=[USERS[0]], hostname=host, port=port, start_tls=False)
+                await asyncio.gather(*(send(n) for n in range(10)))  # 150 x 30 KB: far more than 3 MB
+
+                async def all_there() -> bool:
+                    return len(await inbox(cluster, USERS[0])) >= 150
+                await wait_for(all_there, timeout=60)
+                subjects = [s for s, _ in await inbox(cluster, USERS[0])]
+                assert sorted(subjects) == sorted(f"s{n}m{i}" for n in range(10) for i in range(15))
+            asyncio.run(scenario())
+            import urllib.request
+            mhost, mport = cluster.address("mta1", "metrics")
+            health = json.loads(urllib.request.urlopen(f"http://{mhost}:{mport}/health", timeout=5).read())
+            mirrors = {m["path"]: m["healthy"] for m in health["mirrors"]}
+            assert mirrors[str(small / "queue-b")] is False and mirrors[str(tmp_path / "queue-a")] is True
+        finally:
+            cluster.stop_all()
+    finally:
+        mount.__exit__(None, None, None)
+
+
+def test_submission_with_auth_over_starttls_using_the_configured_certificate(tmp_path):
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for blob in cert.cert_chain_pems[1:]:
+        with open(cert_file, "ab") as fh:
+            fh.write(blob.bytes())
+    cluster = TestCluster(tmp_path / "data", sections={
+        "directory": {"hash_time_cost": 1, "hash_memory_kib": 8, "hash_parallelism": 1},
+        "tls": {"cert_file": str(cert_file), "key_file": str(key_file)}, "queue": {"retry_base": 0.3}})
+    cluster.add("dir1", "directory", role="primary", ports={"rpc": 0})
+    cluster.add("mss1", "mss", identity="mss1", role="active", ports={"lmtp": 0, "rpc": 0})
+    cluster.add("mta1", "mta", ports={"smtp": 0, "submission": 0, "rpc": 0})
+    cluster.write()
+    cluster.start_all(["dir1", "mss1", "mta1"])
+    try:
+        cli(cluster, "domain", "add", "example.org")
+        cli(cluster, "user", "add", USERS[0], "--password", "s3cret", "--mss", "mss1")
+        cli(cluster, "user", "add", USERS[1], "--password", "pw", "--mss", "mss1")
+        host, port = cluster.address("mta1", "submission")
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        context.check_hostname = False
+        with smtplib.SMTP(host, port) as smtp:
+            smtp.ehlo("laptop.test")
+            with pytest.raises(smtplib.SMTPException):
+                smtp.login(USERS[0], "s3cret")  # no AUTH before TLS
+            smtp.starttls(context=context)
+            smtp.ehlo("laptop.test")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                smtp.login(USERS[0], "wrong")
+            smtp.login(USERS[0], "s3cret")
+            assert smtp.sendmail(USERS[0], [USERS[1]], message("over tls", sender=USERS[0])) == {}
+
+        async def check() -> None:
+            got = await wait_for(lambda: inbox(cluster, USERS[1]))
+            assert got[0][0] == "over tls"
+            async with RpcClient([cluster.address("mss1", "rpc")]) as rpc:
+                _, body = await rpc.call_stream("message.body", {"user": USERS[1], "name": "INBOX", "uid": 1,
+                                                                 "length": 300})
+                head = await body.read()
+            assert b"with ESMTPSA" in head  # TLS and AUTH, as RFC 3848 names it
+        asyncio.run(check())
+    finally:
+        cluster.stop_all()

@@ -16,7 +16,6 @@ import asyncio
 import errno
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from intermail.storage import Store, StoreOptions, rebuild_index
 from intermail.storage.fileops import FaultyFileOps
 from intermail.testing import kv
 from intermail.testing.crashwriter import body_for
+from intermail.testing import fs
 
 BODY = 700
 
@@ -203,17 +203,11 @@ async def test_degraded_mirror_with_segments_retired_meanwhile_reopens(tmp_path)
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"mount failed: {done.stderr.decode().strip()}")
     try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        with fs.tiny_tmpfs(tmp_path / "tmpfs", "2m") as mnt:
+            yield mnt
+    except fs.MountUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 async def test_real_enospc_on_a_tiny_tmpfs_mirror(tmp_path, tiny_tmpfs):
