@@ -112,27 +112,62 @@ class MtaRouter:
 
 
 class LmtpTransport:
-    """The ``lmtp`` transport: one LMTP transaction per store, the queue id as the delivery key."""
+    """The ``lmtp`` transport: one LMTP transaction per store, the queue id as the delivery key.
+
+    Connections are kept per store and reused (RSET between transactions):
+    a kept connection found dead before anything was sent is replaced, and
+    the transaction runs on the new one; a connection that failed during a
+    transaction is dropped (the replies say what happened).
+    """
 
     def __init__(self, stores: dict[str, tuple[str, int]], *, hostname: str, connect_timeout: float,
-                 timeout: float):
+                 timeout: float, keep: int = 16):
         self.stores = stores
         self.hostname = hostname
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        self.keep = keep  # idle connections kept per store
+        self._idle: dict[str, list[Any]] = {}
+
+    async def _connect(self, address: tuple[str, int]) -> Any:
+        from intermail.delivery.lmtp import DeliveryError, LmtpConnection
+
+        try:
+            return await LmtpConnection.open(address[0], address[1], hostname=self.hostname, lmtp=True,
+                                             connect_timeout=self.connect_timeout, command_timeout=self.timeout,
+                                             data_timeout=self.timeout)
+        except DeliveryError as exc:
+            raise TransientFailure(str(exc)) from None
 
     async def deliver(self, destination: str, sender: str, recipients: Sequence[str], data: bytes,
                       key: str) -> dict[str, Reply3]:
-        from intermail.delivery.lmtp import deliver
+        from intermail.delivery.lmtp import ConnectionDead
 
         address = self.stores.get(destination)
         if address is None:
             raise TransientFailure(f"no address known for store {destination}")
-        result = await deliver(address[0], address[1], sender=sender, recipients=list(recipients), data=data,
-                               mail_params=[f"XDELIVERYKEY={key}"], lmtp=True, hostname=self.hostname,
-                               connect_timeout=self.connect_timeout, command_timeout=self.timeout,
-                               data_timeout=self.timeout)
-        return _replies(result, recipients)
+        idle = self._idle.setdefault(destination, [])
+        while True:
+            conn = idle.pop() if idle else await self._connect(address)
+            try:
+                result = await conn.deliver(sender, list(recipients), data, mail_params=[f"XDELIVERYKEY={key}"])
+            except ConnectionDead:
+                await conn.close()
+                continue  # nothing was sent on it: try a fresh one
+            except BaseException:
+                await conn.close()
+                raise
+            if conn.usable and len(idle) < self.keep:
+                idle.append(conn)
+            else:
+                await conn.close()
+            return _replies(result, recipients)
+
+    async def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                await conn.close()
+        self._idle.clear()
 
 
 def _replies(result: Any, recipients: Sequence[str]) -> dict[str, Reply3]:
@@ -254,6 +289,7 @@ class MtaApp:
         self.registry = CollectorRegistry()
         self._queued = Gauge("intermail_mta_queue", "queued messages by state", ["state"], registry=self.registry)
         self._fronts: list[Any] = []
+        self._lmtp: LmtpTransport | None = None
 
     async def start(self, runner: Runner) -> None:
         from intermail.apps.mta_smtp import SmtpFrontEnd
@@ -268,9 +304,10 @@ class MtaApp:
         self.queue = await QueueStore.open(self.options)
         self.directory = directory_client(self.config, instance=self.me.name)
         resolver = resolver_from_config(self.config)
+        self._lmtp = LmtpTransport(store_addresses(self.config), hostname=self.hostname,
+                                   connect_timeout=q.connect_timeout, timeout=q.data_timeout)
         transports = {
-            "lmtp": LmtpTransport(store_addresses(self.config), hostname=self.hostname,
-                                  connect_timeout=q.connect_timeout, timeout=q.data_timeout),
+            "lmtp": self._lmtp,
             "smtp": SmtpTransport(resolver, hostname=self.hostname, port=q.smtp_port,
                                   connect_timeout=q.connect_timeout, timeout=q.data_timeout),
         }
@@ -312,6 +349,8 @@ class MtaApp:
             await front.close()
         if self.manager is not None:
             await self.manager.stop(timeout=self.config.runner.drain_timeout)
+        if self._lmtp is not None:
+            await self._lmtp.close()
         if self.directory is not None:
             await self.directory.close()
         if self.queue is not None:
