@@ -27,6 +27,7 @@ Logs: what the front end, the queue and the manager log.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from intermail.config import Config, ConfigError
 from intermail.delivery.smtp import SmtpTransport
 from intermail.directory.client import DirectoryClient
 from intermail.directory.db import Account, AliasExpansion
-from intermail.errors import ErrorKind, MailError
+from intermail.errors import ErrorKind, LocalProtocolError, MailError
 from intermail.net.metrics import MetricsServer
 from intermail.net.runner import Runner
 from intermail.queue.bounce import FailedRecipient, build_dsn
@@ -140,9 +141,10 @@ class LmtpTransport:
             raise TransientFailure(str(exc)) from None
 
     async def deliver(self, destination: str, sender: str, recipients: Sequence[str], data: bytes,
-                      key: str) -> dict[str, Reply3]:
+                      key: str, params: dict | None = None) -> dict[str, Reply3]:
         from intermail.delivery.lmtp import ConnectionDead
 
+        mail_params = [f"XDELIVERYKEY={key}", *_mail_params(params)]
         address = self.stores.get(destination)
         if address is None:
             raise TransientFailure(f"no address known for store {destination}")
@@ -150,10 +152,18 @@ class LmtpTransport:
         while True:
             conn = idle.pop() if idle else await self._connect(address)
             try:
-                result = await conn.deliver(sender, list(recipients), data, mail_params=[f"XDELIVERYKEY={key}"])
+                result = await conn.deliver(sender, list(recipients), data, mail_params=mail_params)
             except ConnectionDead:
                 await conn.close()
                 continue  # nothing was sent on it: try a fresh one
+            except LocalProtocolError as exc:
+                # Something in this envelope can never be sent (checked before any byte
+                # went out): fail it, so the sender hears, rather than retry forever.
+                if conn.usable and len(idle) < self.keep:
+                    idle.append(conn)
+                else:
+                    await conn.close()
+                return {r: Reply3(554, "5.6.7", f"cannot be relayed: {exc}") for r in recipients}
             except BaseException:
                 await conn.close()
                 raise
@@ -170,6 +180,17 @@ class LmtpTransport:
         self._idle.clear()
 
 
+def _mail_params(params: dict | None) -> list[str]:
+    """The MAIL parameters a queued message carries on to the next hop (RFC 6531, RFC 6152)."""
+    params = params or {}
+    out = []
+    if params.get("SMTPUTF8"):
+        out.append("SMTPUTF8")
+    if params.get("BODY") == "8BITMIME":
+        out.append("BODY=8BITMIME")
+    return out
+
+
 def _replies(result: Any, recipients: Sequence[str]) -> dict[str, Reply3]:
     """A delivery result of :mod:`intermail.delivery.lmtp` as the manager's per-recipient replies.
 
@@ -181,6 +202,13 @@ def _replies(result: Any, recipients: Sequence[str]) -> dict[str, Reply3]:
     for address, reply in result.replies.items():
         out[address] = Reply3(reply.code, reply.enhanced or "", " ".join(reply.lines))
     return out
+
+
+def _xtext_decode(value: str | None) -> str | None:
+    """RFC 3461 §4: ``+XX`` is the octet XX."""
+    if value is None:
+        return None
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
 
 
 def bounce_maker(hostname: str) -> Any:
@@ -201,8 +229,8 @@ def bounce_maker(hostname: str) -> Any:
         try:
             dsn = build_dsn(reporting_mta=hostname, sender=entry.sender, recipients=recipients, original=data,
                             queue_id=entry.id, arrival=entry.arrival, message_id_domain=hostname,
-                            ret=entry.params.get("ret"), envid=entry.params.get("envid"),
-                            smtputf8=bool(entry.params.get("smtputf8")))
+                            ret=entry.params.get("RET"), envid=_xtext_decode(entry.params.get("ENVID")),
+                            smtputf8=bool(entry.params.get("SMTPUTF8")))
         except MailError:
             return None  # nothing sendable to say (malformed ORCPT...): the failure is still recorded
         if dsn is None:
@@ -263,7 +291,10 @@ class QueueControl:
         return {}
 
     async def _delete(self, ctx: Any, args: dict) -> dict:
-        await self.queue.delete(self._qid(args))
+        qid = self._qid(args)
+        if self.manager.is_active(qid):
+            raise MailError(ErrorKind.TEMP, safe="the message is being delivered right now; try again")
+        await self.queue.delete(qid)
         return {}
 
     async def _stats(self, ctx: Any, args: dict) -> dict:

@@ -18,8 +18,11 @@ Invariants:
 - A domain that does not exist (NXDOMAIN) fails its recipients with
   ``550 5.1.2``; a null MX with ``556 5.1.10`` (RFC 7505).
 - Opportunistic TLS: STARTTLS when offered, without certificate checks
-  (RFC 7435); a failed handshake falls back to the next host, never to
-  cleartext on the same connection.
+  (RFC 7435); a failed handshake is retried on a new connection without it
+  (never in cleartext on the same connection).
+- Only replies to MAIL, RCPT and DATA decide recipients; a refusal while
+  setting up the session (greeting, EHLO -- with a HELO fallback) moves on
+  to the next host.
 
 Logs: ``delivery.smtp_host_failed`` (debug, per host tried).
 """
@@ -82,7 +85,10 @@ class SmtpTransport:
             raise TransientFailure(f"MX lookup for {domain} failed: {exc.safe}") from None
 
     async def deliver(self, destination: str, sender: str, recipients: Sequence[str], data: bytes,
-                      key: str) -> dict[str, Reply3]:
+                      key: str, params: dict | None = None) -> dict[str, Reply3]:
+        params = params or {}
+        options = (["SMTPUTF8"] if params.get("SMTPUTF8") else []) + (
+            ["BODY=8BITMIME"] if params.get("BODY") == "8BITMIME" else [])
         try:
             hosts = await self._hosts(destination)
         except _Decided as decided:
@@ -95,29 +101,40 @@ class SmtpTransport:
                 errors.append(f"{host}: {exc.safe}")
                 continue
             for address in addresses:
-                try:
-                    return await self._send(address, sender, recipients, data)
-                except (OSError, TimeoutError, aiosmtplib.SMTPException, ssl.SSLError) as exc:
-                    if isinstance(exc, aiosmtplib.SMTPResponseException) and not isinstance(
-                            exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError)) \
-                            and exc.code >= 500:
-                        return {r: _reply(exc.code, exc.message) for r in recipients}
-                    errors.append(f"{host} [{address}]: {type(exc).__name__}: {exc}")
-                    log_event(log, "delivery.smtp_host_failed", level=logging.DEBUG, host=host, address=address,
-                              error=errors[-1])
+                for tls in (True, False):  # opportunistic: a failed handshake is retried in cleartext
+                    try:
+                        return await self._send(address, sender, recipients, data, options, tls)
+                    except _TlsFailed as exc:
+                        errors.append(f"{host} [{address}]: TLS failed: {exc}")
+                        continue
+                    except (OSError, TimeoutError, aiosmtplib.SMTPException, ssl.SSLError) as exc:
+                        # Anything before MAIL (connect, greeting, EHLO/HELO) is this host's
+                        # problem, not the message's: the next host is tried.
+                        errors.append(f"{host} [{address}]: {type(exc).__name__}: {exc}")
+                        log_event(log, "delivery.smtp_host_failed", level=logging.DEBUG, host=host,
+                                  address=address, error=errors[-1])
+                        break
         raise TransientFailure("; ".join(errors[-3:]) or f"no host for {destination}")
 
-    async def _send(self, address: str, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply3]:
+    async def _send(self, address: str, sender: str, recipients: Sequence[str], data: bytes,
+                    options: list[str], tls: bool) -> dict[str, Reply3]:
         smtp = aiosmtplib.SMTP(hostname=address, port=self.port, local_hostname=self.hostname,
                                timeout=self.connect_timeout, start_tls=False, use_tls=False)
         await smtp.connect()
         try:
-            await smtp.ehlo()
-            if smtp.supports_extension("starttls"):
-                await smtp.starttls(tls_context=self._tls)
-                await smtp.ehlo()
             try:
-                refused, _ = await smtp.sendmail(sender, list(recipients), data, timeout=self.timeout)
+                await smtp.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await smtp.helo()  # RFC 5321 §4.1.4: an old server that knows only HELO
+            if tls and smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(tls_context=self._tls)
+                    await smtp.ehlo()
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+                    raise _TlsFailed(f"{type(exc).__name__}: {exc}") from None
+            try:
+                refused, _ = await smtp.sendmail(sender, list(recipients), data, mail_options=options,
+                                                 timeout=self.timeout)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 return {e.recipient: _reply(e.code, e.message) for e in exc.recipients}
             except aiosmtplib.SMTPSenderRefused as exc:
@@ -133,6 +150,10 @@ class SmtpTransport:
                 await smtp.quit()
             except (OSError, aiosmtplib.SMTPException):
                 smtp.close()
+
+
+class _TlsFailed(Exception):
+    """STARTTLS was offered but failed: try the same host again without it."""
 
 
 class _Decided(Exception):

@@ -97,8 +97,11 @@ class Router(Protocol):
 
 class Transport(Protocol):
     async def deliver(self, destination: str, sender: str, recipients: Sequence[str], data: bytes,
-                      key: str) -> dict[str, Reply3]:
-        """One transaction; a reply per recipient, or TransientFailure for all of them."""
+                      key: str, params: dict | None = None) -> dict[str, Reply3]:
+        """One transaction; a reply per recipient, or TransientFailure for all of them.
+
+        ``params``: the envelope's parameters as the front end queued them
+        (``SMTPUTF8``, ``BODY``, ``RET``, ``ENVID``...), for the MAIL command."""
         ...
 
 
@@ -113,6 +116,7 @@ class Settings:
     retry_max: float = 3600.0
     lifetime: float = 5 * 86400.0
     batch: int = 256  # entries fetched per scan
+    max_recipients: int = 100  # recipients per transaction (RFC 5321 §4.5.3.1.8: servers take at least 100)
 
 
 @dataclass
@@ -141,6 +145,7 @@ class QueueManager:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._per_destination: dict[str, asyncio.Semaphore] = {}
         self._wake = asyncio.Event()
+        self._backoff: dict[str, float] = {}  # entries whose outcome could not be recorded: not before this time
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -164,6 +169,10 @@ class QueueManager:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=5.0)
+
+    def is_active(self, qid: str) -> bool:
+        """Whether an attempt of ``qid`` is under way (admin verbs must not delete it now)."""
+        return qid in self._active
 
     def kick(self) -> None:
         """Something is due now (a new message, a flush): scan at once."""
@@ -197,7 +206,10 @@ class QueueManager:
                 continue  # more may be due: scan again once these are under way
             due = None
             with contextlib.suppress(MailError):
-                due = await self.queue.next_due(exclude=sorted(self._active))
+                due = await self.queue.next_due(exclude=sorted(self._active | set(self._backoff)))
+                if self._backoff:
+                    soonest = min(self._backoff.values())
+                    due = soonest if due is None else min(due, soonest)
             # nothing startable is due: sleep until something is, or an attempt ends, or a kick
             wait = 60.0 if due is None else max(0.0, min(60.0, due - self._clock()))
             if wait == 0.0:
@@ -209,8 +221,12 @@ class QueueManager:
 
     async def _scan(self) -> int:
         now = self._clock()
+        for qid, until in list(self._backoff.items()):
+            if until <= now:
+                del self._backoff[qid]
+        skip = sorted(self._active | set(self._backoff))
         entries = await self.queue.entries(states=("incoming", "deferred"), due_before=now,
-                                           limit=self.settings.batch, exclude=sorted(self._active))
+                                           limit=self.settings.batch, exclude=skip)
         started = 0
         for listed in entries:
             if listed.id in self._active or self._stopping:
@@ -247,12 +263,19 @@ class QueueManager:
             error = f"{type(exc).__name__}: {exc}"
             log_event(log, "queue.attempt_failed", level=logging.ERROR, exc_info=True, queue_id=entry.id,
                       error=error)
+            # Never again at once: if even the deferral below cannot be recorded
+            # (the queue's disks are failing), this in-memory backoff holds it.
+            self._backoff[entry.id] = self._next_attempt(entry)
             with contextlib.suppress(Exception):
                 fresh = await self.queue.get(entry.id)
-                if fresh is not None:
+                if fresh is not None and self._clock() - fresh.arrival >= self.settings.lifetime:
+                    # it cannot be delivered and cannot be bounced: set it aside for the operator
+                    await self.queue.set_state(fresh.id, "corrupt")
+                    log_event(log, "queue.expired", level=logging.ERROR, queue_id=fresh.id, state="corrupt",
+                              error=error)
+                elif fresh is not None:
                     await self.queue.record(fresh, [], state="deferred", next_attempt=self._next_attempt(fresh),
                                             error=f"451 4.3.0 internal error: {error}")
-            await asyncio.sleep(0.1)
         finally:
             self.stats.in_flight -= 1
             self._active.discard(entry.id)
@@ -271,29 +294,29 @@ class QueueManager:
         data = await self.queue.read_message(entry)
         decided: dict[int, Reply3] = {}
         groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
-        parts: dict[int, list[str]] = {}  # recipient idx -> its final addresses
+        parts: dict[int, list[str]] = {}  # recipient idx -> its final addresses not yet decided
         for r in pending:
             routed = await self.router.route(r.address)
             if isinstance(routed, Reply3):
                 decided[r.idx] = routed
                 continue
-            parts[r.idx] = []
+            finals = list(dict.fromkeys(a for route in routed for a in route.addresses))
+            if not finals and not r.done:
+                decided[r.idx] = Reply3(550, "5.1.1", "alias expands to no address")
+                continue
+            parts[r.idx] = [a for a in finals if a not in r.done]  # members decided before are never sent again
             for route in routed:
                 for address in route.addresses:
-                    groups.setdefault((route.transport, route.destination), []).append((r.idx, address))
-                    parts[r.idx].append(address)
-            if not parts[r.idx]:
-                decided[r.idx] = Reply3(550, "5.1.1", "alias expands to no address")
+                    if address in parts[r.idx]:
+                        groups.setdefault((route.transport, route.destination), []).append((r.idx, address))
         replies: dict[tuple[int, str], Reply3] = {}
         await asyncio.gather(*(self._deliver_group(entry, kind, dest, members, data, replies)
                                for (kind, dest), members in groups.items()))
+        member_outcomes: dict[int, list[tuple[str, Reply3]]] = {}
         for idx, addresses in parts.items():
-            if idx in decided:
-                continue
-            results = [replies.get((idx, a), Reply3(451, "4.3.0", "not attempted")) for a in addresses]
-            worst = max(results, key=_severity)
-            decided[idx] = worst if worst.code >= 300 else results[0]
-        await self._conclude(entry, decided, data, now)
+            member_outcomes[idx] = [(a, replies.get((idx, a), Reply3(451, "4.3.0", "not attempted")))
+                                    for a in addresses]
+        await self._conclude(entry, decided, member_outcomes, data, now)
 
     def _next_attempt(self, entry: Entry, now: float | None = None) -> float:
         """Exponential backoff with ±10% jitter, never past ``retry_max``."""
@@ -305,27 +328,65 @@ class QueueManager:
                              data: bytes, replies: dict[tuple[int, str], Reply3]) -> None:
         transport = self.transports.get(kind)
         addresses = list(dict.fromkeys(a for _, a in members))
+        answer: dict[str, Reply3] = {}
         if transport is None:
             answer = {a: Reply3(451, "4.3.5", f"no transport {kind}") for a in addresses}
         else:
-            slots = self._per_destination.setdefault(f"{kind}:{destination}",
-                                                     asyncio.Semaphore(self.settings.per_destination))
-            async with slots:
-                try:
-                    answer = await transport.deliver(destination, entry.sender, addresses, data, entry.id)
-                except TransientFailure as failure:
-                    answer = {a: Reply3(451, "4.4.1", failure.reason) for a in addresses}
-                except Exception as exc:  # one broken destination must not sink the others' results
-                    log_event(log, "queue.attempt_failed", level=logging.ERROR, exc_info=True, queue_id=entry.id,
-                              error=f"{kind}:{destination}: {type(exc).__name__}: {exc}")
-                    answer = {a: Reply3(451, "4.3.0", "internal error, will retry") for a in addresses}
+            name = f"{kind}:{destination}"
+            slots = self._per_destination.get(name)
+            if slots is None:
+                slots = self._per_destination[name] = asyncio.Semaphore(self.settings.per_destination)
+            step = self.settings.max_recipients
+            for start in range(0, len(addresses), step):
+                batch = addresses[start:start + step]
+                async with slots:
+                    answer.update(await self._one_transaction(transport, entry, kind, destination, batch, data))
+            if not slots.locked() and slots._value == self.settings.per_destination:  # idle: forget it
+                self._per_destination.pop(name, None)
         for idx, address in members:
             replies[(idx, address)] = answer.get(address, Reply3(451, "4.3.0", "no reply for this recipient"))
 
-    async def _conclude(self, entry: Entry, decided: dict[int, Reply3], data: bytes, now: float) -> None:
+    async def _one_transaction(self, transport: Transport, entry: Entry, kind: str, destination: str,
+                               batch: list[str], data: bytes) -> dict[str, Reply3]:
+        try:
+            return await transport.deliver(destination, entry.sender, batch, data, entry.id, params=entry.params)
+        except TransientFailure as failure:
+            return {a: Reply3(451, "4.4.1", failure.reason) for a in batch}
+        except Exception as exc:  # one broken destination must not sink the others' results
+            log_event(log, "queue.attempt_failed", level=logging.ERROR, exc_info=True, queue_id=entry.id,
+                      error=f"{kind}:{destination}: {type(exc).__name__}: {exc}")
+            return {a: Reply3(451, "4.3.0", "internal error, will retry") for a in batch}
+
+    async def _conclude(self, entry: Entry, decided: dict[int, Reply3],
+                        member_outcomes: dict[int, list[tuple[str, Reply3]]], data: bytes, now: float) -> None:
+        """Turn replies into outcomes.  An alias recipient is decided member by member: a member
+        that got 2xx or 5xx is recorded in ``done`` and never sent again; the recipient stays
+        pending while any member does, and its failed members are bounced one by one."""
         expired = now - entry.arrival >= self.settings.lifetime
         outcomes, failed, delivered, deferred = [], [], [], []
         by_idx = {r.idx: r for r in entry.recipients}
+        for idx, members in member_outcomes.items():
+            row = by_idx[idx]
+            done = list(row.done)
+            waiting = []
+            for address, reply in members:
+                if 200 <= reply.code < 300:
+                    done.append(address)
+                    delivered.append(address)
+                elif reply.code >= 500 or expired:
+                    if reply.code < 500:
+                        reply = Reply3(reply.code, "4.4.7", f"delivery time expired; last: {reply}")
+                    done.append(address)
+                    failed.append((address, reply))
+                else:
+                    waiting.append((address, reply))
+            if waiting:
+                outcomes.append(Outcome(idx, PENDING, str(waiting[0][1]), tuple(done)))
+                deferred.extend(waiting)
+            else:
+                last = members[-1][1] if members else Reply3(250, "2.0.0", "delivered")
+                outcomes.append(Outcome(idx, DELIVERED if any(a in delivered for a, _ in members) or not members
+                                        else FAILED, str(last), tuple(done)))
         for idx, reply in decided.items():
             if 200 <= reply.code < 300:
                 outcomes.append(Outcome(idx, DELIVERED, str(reply)))
@@ -365,10 +426,4 @@ class QueueManager:
                       reason=error, next_attempt=round(next_attempt, 3))
 
 
-def _severity(reply: Reply3) -> tuple[int, int]:
-    """Order for combining the replies of one alias's targets: temporary beats permanent beats success."""
-    if 400 <= reply.code < 500:
-        return (2, reply.code)
-    if reply.code >= 500:
-        return (1, reply.code)
-    return (0, reply.code)
+

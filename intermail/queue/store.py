@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     notify      TEXT,
     status      TEXT NOT NULL,
     reply       TEXT NOT NULL,
+    done        TEXT NOT NULL,
     PRIMARY KEY (id, idx)
 ) WITHOUT ROWID;
 """
@@ -119,6 +120,7 @@ class RecipientRow:
     notify: str | None
     status: str
     reply: str
+    done: tuple[str, ...] = ()  # final addresses (an alias's members) already delivered or failed
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class Outcome:
     idx: int
     status: str  # delivered | failed | pending (a temporary failure: stays pending)
     reply: str  # the reply text (for logs, `queue show` and the bounce)
+    done: tuple[str, ...] = ()  # final addresses now decided for good (never attempted again)
 
 
 class QueueApplier:
@@ -159,14 +162,18 @@ class QueueApplier:
                          (d["id"], d["sender"], json.dumps(d["params"], sort_keys=True), d["arrival"], d["blob"],
                           d["size"], d.get("state", "incoming"), d.get("next_attempt", d["arrival"]),
                           d.get("attempts", 0), d.get("last_error", "")))
-            conn.executemany("INSERT INTO recipients (id, idx, address, orcpt, notify, status, reply)"
-                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            conn.executemany("INSERT INTO recipients (id, idx, address, orcpt, notify, status, reply, done)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              [(d["id"], i, r["address"], r.get("orcpt"), r.get("notify"), r.get("status", PENDING),
-                               r.get("reply", "")) for i, r in enumerate(d["recipients"])])
+                               r.get("reply", ""), json.dumps(r.get("done", [])))
+                              for i, r in enumerate(d["recipients"])])
         elif rtype == Q_RESULT:
-            conn.executemany("UPDATE recipients SET status = ?, reply = ? WHERE id = ? AND idx = ?",
-                             [(status, reply, d["id"], idx) for idx, status, reply in d["outcomes"]])
-            conn.execute("UPDATE queue SET state = ?, next_attempt = ?, attempts = ?, last_error = ? WHERE id = ?",
+            conn.executemany("UPDATE recipients SET status = ?, reply = ?, done = ? WHERE id = ? AND idx = ?",
+                             [(o[1], o[2], json.dumps(o[3] if len(o) > 3 else []), d["id"], o[0])
+                              for o in d["outcomes"]])
+            # a message put on hold while it was being attempted stays on hold
+            conn.execute("UPDATE queue SET state = CASE WHEN state = 'hold' THEN 'hold' ELSE ? END,"
+                         " next_attempt = ?, attempts = ?, last_error = ? WHERE id = ?",
                          (d["state"], d["next_attempt"], d["attempts"], d["error"], d["id"]))
         elif rtype == Q_STATE:
             conn.execute("UPDATE queue SET state = ?, next_attempt = ? WHERE id = ?",
@@ -181,10 +188,10 @@ class QueueApplier:
         rows = conn.execute("SELECT id, sender, params, arrival, blob, size, state, next_attempt, attempts, last_error"
                             " FROM queue ORDER BY id").fetchall()
         for qid, sender, params, arrival, blob, size, state, next_attempt, attempts, error in rows:
-            recipients = [{"address": a, "orcpt": o, "notify": n, "status": s, "reply": r}
-                          for a, o, n, s, r in conn.execute(
-                              "SELECT address, orcpt, notify, status, reply FROM recipients WHERE id = ? ORDER BY idx",
-                              (qid,))]
+            recipients = [{"address": a, "orcpt": o, "notify": n, "status": s, "reply": r, "done": json.loads(dn)}
+                          for a, o, n, s, r, dn in conn.execute(
+                              "SELECT address, orcpt, notify, status, reply, done FROM recipients WHERE id = ?"
+                              " ORDER BY idx", (qid,))]
             yield Q_ADD, _encode({"id": qid, "sender": sender, "params": json.loads(params), "arrival": arrival,
                                   "blob": blob, "size": size, "state": state, "next_attempt": next_attempt,
                                   "attempts": attempts, "last_error": error, "recipients": recipients})
@@ -193,7 +200,7 @@ class QueueApplier:
 def _entry(row: tuple, recipients: list[tuple]) -> Entry:
     qid, sender, params, arrival, blob, size, state, next_attempt, attempts, error = row
     return Entry(qid, sender, json.loads(params), arrival, blob, size, state, next_attempt, attempts, error,
-                 tuple(RecipientRow(*r) for r in recipients))
+                 tuple(RecipientRow(*r[:6], tuple(json.loads(r[6]))) for r in recipients))
 
 
 class QueueStore:
@@ -255,7 +262,7 @@ class QueueStore:
                                " last_error FROM queue WHERE id = ?", (qid,)).fetchone()
             if row is None:
                 return None
-            rcpts = conn.execute("SELECT idx, address, orcpt, notify, status, reply FROM recipients WHERE id = ?"
+            rcpts = conn.execute("SELECT idx, address, orcpt, notify, status, reply, done FROM recipients WHERE id = ?"
                                  " ORDER BY idx", (qid,)).fetchall()
             return _entry(row, rcpts)
         return await self.store.read(read)
@@ -282,7 +289,7 @@ class QueueStore:
             rows = conn.execute(sql + order + " LIMIT ?", (*args, limit)).fetchall()
             out = []
             for row in rows:
-                rcpts = conn.execute("SELECT idx, address, orcpt, notify, status, reply FROM recipients"
+                rcpts = conn.execute("SELECT idx, address, orcpt, notify, status, reply, done FROM recipients"
                                      " WHERE id = ? ORDER BY idx", (row[0],)).fetchall()
                 out.append(_entry(row, rcpts))
             return out
@@ -307,7 +314,8 @@ class QueueStore:
     # -- the manager's changes -----------------------------------------------------
 
     async def record(self, entry: Entry, outcomes: Sequence[Outcome], *, state: str, next_attempt: float,
-                     error: str = "", bounces: Sequence[tuple[Envelope, bytes]] = ()) -> list[str]:
+                     error: str = "", bounces: Sequence[tuple[Envelope, bytes]] = (),
+                     count_attempt: bool = True) -> list[str]:
         """Record one attempt's outcomes, and the bounces they cause, in one transaction.
 
         When no recipient is left pending the message is removed (with its
@@ -318,8 +326,10 @@ class QueueStore:
         status = {r.idx: r.status for r in entry.recipients}
         for o in outcomes:
             status[o.idx] = o.status
-        txn.add(Q_RESULT, _encode({"id": entry.id, "outcomes": [[o.idx, o.status, o.reply[:1000]] for o in outcomes],
-                                   "state": state, "next_attempt": next_attempt, "attempts": entry.attempts + 1,
+        txn.add(Q_RESULT, _encode({"id": entry.id,
+                                   "outcomes": [[o.idx, o.status, o.reply[:1000], list(o.done)] for o in outcomes],
+                                   "state": state, "next_attempt": next_attempt,
+                                   "attempts": entry.attempts + (1 if count_attempt else 0),
                                    "error": error[:1000]}))
         if all(s != PENDING for s in status.values()):
             txn.add(Q_DEL, _encode({"id": entry.id}))
