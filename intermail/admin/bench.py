@@ -98,9 +98,52 @@ def _run_lmtp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_smtp_row(result: dict) -> None:
+    baseline = "unavailable" if result["baseline"] is None else f"{result['baseline']:>8,.1f}"
+    ratio = "-" if result["ratio"] is None else f"{result['ratio']:.2f}x"
+    errors = result["errors"]
+    print(f"{result['case']:<40} ours {result['ours']:>8,.1f} {result['metric']:<12} baseline {baseline}  "
+          f"ratio {ratio}  errors {errors['ours']}/{'-' if errors['baseline'] is None else errors['baseline']}",
+          flush=True)
+
+
+def _run_smtp(args: argparse.Namespace) -> int:
+    from intermail.admin.bench_smtp import message_parts, run_bench
+    from intermail.net.runner import loop_factory
+
+    try:
+        message_parts(args.size)
+    except ValueError as exc:
+        print(f"intermail: {exc}", file=sys.stderr)
+        return 2
+    for name in ("sessions", "users", "messages"):
+        if getattr(args, name) <= 0:
+            print(f"intermail: --{name} must be positive", file=sys.stderr)
+            return 2
+    progress = None if args.json else _print_smtp_row
+    if not args.json:
+        print(f"smtp bench: {args.size} B messages, 1 recipient each, {args.sessions} sessions; accept for "
+              f"{args.seconds:g} s, end to end over {args.messages} messages; ours = mtad + mssd (fsync on, "
+              "2 mirrors by default), baseline = Postfix (default fsync) relaying to the same mssd", flush=True)
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        report = runner.run(run_bench(args.sessions, args.seconds, args.size, args.users, args.messages, args.dir,
+                                      progress))
+    if args.json:
+        json.dump(report, sys.stdout)
+        print()
+    else:
+        sink = report["results"][-1]["details"].get("baseline_to_sink")
+        if sink is not None:
+            print(f"postfix end to end into smtp-sink (no store, for reference): {sink['delivered_per_s']} "
+                  "delivered/s")
+        for note in report["notes"]:
+            print(f"note: {note}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark against a baseline measured in the same run")
-    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory,lmtp}", required=True)
+    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory,lmtp,smtp}", required=True)
     storage = whats.add_parser("storage", help="durable log commits/s vs raw write+fdatasync of the same disk")
     storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     storage.add_argument("--dir", default=None,
@@ -135,3 +178,14 @@ def register(subparsers: Any) -> None:
     lmtp.add_argument("--size", type=int, default=10240, help="message size in bytes (default 10240)")
     lmtp.add_argument("--users", type=int, default=64, help="accounts the recipients rotate over (default 64)")
     lmtp.set_defaults(run=_run_lmtp)
+
+    smtp = whats.add_parser("smtp", help="SMTP messages/s into our mtad vs Postfix, accepted and end to end")
+    smtp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    smtp.add_argument("--dir", default=None, help="where the throw-away servers keep their data (default: temp)")
+    smtp.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions (default 20)")
+    smtp.add_argument("--seconds", type=float, default=3.0, help="accept: measuring time per server (default 3)")
+    smtp.add_argument("--size", type=int, default=10240, help="message size in bytes (default 10240)")
+    smtp.add_argument("--messages", type=int, default=2000,
+                      help="end to end: messages sent per server, timed until the last is stored (default 2000)")
+    smtp.add_argument("--users", type=int, default=64, help="accounts the recipients rotate over (default 64)")
+    smtp.set_defaults(run=_run_smtp)
