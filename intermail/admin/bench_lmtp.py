@@ -57,6 +57,7 @@ from intermail import config as config_module
 from intermail.admin.bench_storage import host_info
 from intermail.apps.mss import DELIVERY_KEY_PARAM
 from intermail.directory.client import DirectoryClient
+from intermail.admin.bench_load import size_label, wire_message
 from intermail.testing.procs import TestCluster, free_port
 
 DOMAIN = "bench.test"
@@ -89,22 +90,7 @@ def message_parts(size: int) -> tuple[bytes, bytes]:
             "Content-Type: text/plain; charset=utf-8\r\n"
             "Content-Transfer-Encoding: 7bit\r\n"
             "\r\n")
-    marker = "@" * 12
-    text = head.replace("{serial}", marker, 1).replace("{serial}", "0" * 12)
-    lines = [".A line that starts with a dot, stuffed on the wire.\r\n"]
-    if size < len(text) + len(lines[0]):
-        raise ValueError(f"message size {size} is below the {len(text) + len(lines[0])} octets of its headers")
-    line = "The quick brown fox jumps over the lazy dog while the queue flushes.  \r\n"
-    while len(text) + sum(map(len, lines)) < size:
-        lines.append(line)
-    body = text + "".join(lines)
-    if len(body) > size:  # cut the last line short, keeping its CRLF (and no bare CR)
-        cut = body[:size - 2]
-        body = (cut[:-1] + " " if cut.endswith("\r") else cut) + "\r\n"
-    stuffed = "\r\n".join("." + ln if ln.startswith(".") else ln for ln in body[:-2].split("\r\n"))
-    wire = (stuffed + "\r\n.\r\n").encode("ascii")
-    before, after = wire.split(marker.encode(), 1)
-    return before, after
+    return wire_message(head, size)
 
 
 # -- the load client --------------------------------------------------------------------
@@ -459,10 +445,6 @@ service lmtp {{
 # -- the bench --------------------------------------------------------------------------
 
 
-def _size_label(size: int) -> str:
-    return f"{size // 1024}KiB" if size % 1024 == 0 else f"{size}B"
-
-
 def _side(stats: LoadStats) -> dict[str, Any]:
     return {"delivered": stats.delivered, "errors": stats.errors, "error_samples": stats.samples,
             "latency_ms": {"p50": stats.latency_ms(0.5), "p99": stats.latency_ms(0.99)},
@@ -541,7 +523,7 @@ async def run_bench(concurrency: list[int], seconds: float, size: int, users: in
                 theirs = await theirs_run() if theirs_run is not None else None
                 mine = await ours_run()
             result = {
-                "case": f"lmtp conc={c} size={_size_label(size)}",
+                "case": f"lmtp conc={c} size={size_label(size)}",
                 "params": {"concurrency": c, "size": size, "mirrors": storage.mirrors, "fsync": storage.fsync,
                            "recipients": 1},
                 "metric": "deliveries/s", "ours": round(mine.rate, 1),

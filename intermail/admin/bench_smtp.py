@@ -83,6 +83,7 @@ from intermail import config as config_module
 from intermail.admin.bench_lmtp import _provision as provision  # the same accounts as the LMTP bench
 from intermail.admin.bench_storage import host_info
 from intermail.rpc.client import RpcClient
+from intermail.admin.bench_load import size_label, wire_message
 from intermail.testing.procs import TestCluster, free_port
 
 DOMAIN = "bench.test"
@@ -119,22 +120,7 @@ def message_parts(size: int) -> tuple[bytes, bytes]:
             "Content-Type: text/plain; charset=utf-8\r\n"
             "Content-Transfer-Encoding: 7bit\r\n"
             "\r\n")
-    marker = "@" * 12
-    text = head.replace("{serial}", marker, 1).replace("{serial}", "0" * 12)
-    lines = [".A line that starts with a dot, stuffed on the wire.\r\n"]
-    if size < len(text) + len(lines[0]):
-        raise ValueError(f"message size {size} is below the {len(text) + len(lines[0])} octets of its headers")
-    line = "The quick brown fox jumps over the lazy dog while the queue flushes.  \r\n"
-    while len(text) + sum(map(len, lines)) < size:
-        lines.append(line)
-    body = text + "".join(lines)
-    if len(body) > size:  # cut the last line short, keeping its CRLF (and no bare CR)
-        cut = body[:size - 2]
-        body = (cut[:-1] + " " if cut.endswith("\r") else cut) + "\r\n"
-    stuffed = "\r\n".join("." + ln if ln.startswith(".") else ln for ln in body[:-2].split("\r\n"))
-    wire = (stuffed + "\r\n.\r\n").encode("ascii")
-    before, after = wire.split(marker.encode(), 1)
-    return before, after
+    return wire_message(head, size)
 
 
 # -- the load client --------------------------------------------------------------------
@@ -821,10 +807,6 @@ async def _stored(cluster: TestCluster, users: int) -> int:
 # -- the bench --------------------------------------------------------------------------
 
 
-def _size_label(size: int) -> str:
-    return f"{size // 1024}KiB" if size % 1024 == 0 else f"{size}B"
-
-
 def _side(stats: LoadStats) -> dict[str, Any]:
     out = {"accepted": stats.accepted, "errors": stats.errors, "error_samples": stats.samples,
            "seconds": round(stats.seconds, 3),
@@ -869,7 +851,7 @@ class _Cases:
         storage = config_module.load(None).storage
         self.params = {"sessions": sessions, "size": size, "recipients": 1, "users": users,
                        "mirrors": storage.mirrors, "fsync": storage.fsync}
-        self.label = f"sessions={sessions} size={_size_label(size)}"
+        self.label = f"sessions={sessions} size={size_label(size)}"
 
     async def prime(self) -> None:
         for target in (self.ours, self.theirs, self.to_sink):
