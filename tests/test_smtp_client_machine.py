@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from intermail.errors import LocalProtocolError, RemoteProtocolError
 from intermail.proto import NEED_DATA
+from intermail.proto.dotstuff import DotStuffer
 from intermail.proto.smtp import client as C
 from intermail.proto.smtp.client import (
     Body,
@@ -617,7 +618,7 @@ def test_stuff_body(body, wire):
     assert stuff_body(body) == wire
     # the same whatever the chunking of Body
     for size in (1, 2, 3):
-        stuffer = C._Stuffer()
+        stuffer = DotStuffer()
         pieces = b"".join(stuffer.feed(body[i:i + size]) for i in range(0, len(body), size))
         assert pieces + stuffer.end() == wire
 
@@ -626,7 +627,7 @@ def test_stuff_body(body, wire):
 @given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=200), max_size=6))
 def test_stuffing_is_chunking_invariant_and_ends_right(body, cuts):
     cuts = sorted({min(c, len(body)) for c in cuts})
-    stuffer = C._Stuffer()
+    stuffer = DotStuffer()
     start, out = 0, b""
     for cut in [*cuts, len(body)]:
         out += stuffer.feed(body[start:cut])

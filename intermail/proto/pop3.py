@@ -202,6 +202,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from intermail.errors import ErrorKind, LocalProtocolError, MailError
 from intermail.proto import NEED_DATA
+from intermail.proto.dotstuff import DotStuffer, stuff_body
 
 __all__ = [
     "DEFAULT_MAX_LINE",
@@ -405,51 +406,6 @@ class Challenge:
 
     def encode(self) -> bytes:
         return f"+ {self.data}".encode("ascii") + b"\r\n"
-
-
-def stuff_body(data: bytes) -> bytes:
-    """A whole body in its multi-line form: CRLF line ends, dots stuffed, ``.CRLF`` at the end."""
-    stuffer = _DotStuffer()
-    return stuffer.feed(data) + stuffer.end()
-
-
-class _DotStuffer:
-    """Dot-stuffing (RFC 1939 §3) and line-end repair across MultiLineData chunks.
-
-    A trailing CR is held back until the next chunk says whether an LF
-    follows; every CR or LF that is not part of a CRLF goes out as CRLF.
-    """
-
-    def __init__(self) -> None:
-        self.line_start = True
-        self.held_cr = False
-
-    def feed(self, data: bytes) -> bytes:
-        if self.held_cr:
-            data = b"\r" + data
-            self.held_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self.held_cr = True
-        if not data:
-            return b""
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self.line_start and data.startswith(b"."):
-            data = b"." + data
-        self.line_start = data.endswith(b"\r\n")
-        return data
-
-    def end(self) -> bytes:
-        tail = b""
-        if self.held_cr:
-            self.held_cr = False
-            tail = b"\r\n"  # a bare CR at the very end: a line end
-            self.line_start = True
-        if not self.line_start:
-            tail += b"\r\n"
-        self.line_start = True
-        return tail + b".\r\n"
 
 
 # The error taxonomy as POP3 response codes (RFC 3206 §4); the text is always the safe one.
@@ -739,7 +695,7 @@ class Pop3Server:
         self._user: str | None = None  # a USER answered +OK: PASS may follow at once
         self._tls = False
         self._utf8 = False
-        self._stuffer: _DotStuffer | None = None
+        self._stuffer: DotStuffer | None = None
 
     # -- what the app may look at
 
@@ -883,7 +839,7 @@ class Pop3Server:
         self._owed = self._owed_event = None
         if isinstance(answer, MultiLineStart):
             self._owed = _STREAM
-            self._stuffer = _DotStuffer()
+            self._stuffer = DotStuffer()
             return _status_line("+OK", answer.first_line)
         data = answer.encode()
         if isinstance(asked, (UserPass, AuthPlain)) and isinstance(answer, Ok):

@@ -88,6 +88,7 @@ from collections.abc import Iterable
 
 from intermail.errors import LocalProtocolError, RemoteProtocolError
 from intermail.proto import NEED_DATA
+from intermail.proto.dotstuff import DotStuffer, stuff_body
 from intermail.proto.smtp import grammar
 from intermail.proto.smtp.grammar import GrammarError
 from intermail.proto.smtp.replies import MAX_REPLY_LINE, Reply, parse_reply
@@ -333,56 +334,7 @@ def parse_capabilities(reply: Reply) -> Capabilities:
 
 
 # ---------------------------------------------------------------------------
-# The body
-
-
-def stuff_body(data: bytes) -> bytes:
-    """A whole message in its DATA form: line ends as CRLF, dots stuffed, ``CRLF.CRLF`` at the end."""
-    stuffer = _Stuffer()
-    return stuffer.feed(data) + stuffer.end()
-
-
-class _Stuffer:
-    """Dot-stuffing and line-end repair across Body chunks.
-
-    A trailing CR is held back until the next chunk says whether an LF
-    follows; every CR or LF that is not part of a CRLF goes out as CRLF.
-    """
-
-    def __init__(self) -> None:
-        self.line_start = True
-        self.held_cr = False
-
-    def feed(self, data: bytes) -> bytes:
-        if self.held_cr:
-            data = b"\r" + data
-            self.held_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self.held_cr = True
-        if not data:
-            return b""
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self.line_start and data.startswith(b"."):
-            data = b"." + data
-        self.line_start = data.endswith(b"\r\n")
-        return data
-
-    def end(self) -> bytes:
-        tail = b""
-        if self.held_cr:
-            self.held_cr = False
-            tail = b"\r\n"  # a bare CR at the very end: a line end
-            self.line_start = True
-        if not self.line_start:
-            tail += b"\r\n"
-        self.line_start = True
-        return tail + b".\r\n"
-
-
-# ---------------------------------------------------------------------------
-# The machine
+# The machine (the body's dot-stuffing is intermail.proto.dotstuff's)
 
 _GREETING = "greeting"  # waiting for the banner
 _REFUSED = "refused"  # the banner was a refusal: only QUIT
@@ -459,7 +411,7 @@ class SmtpClient:
         self._capabilities: Capabilities | None = None
         self._txn: _Txn | None = None
         self._results: tuple[Reply | None, ...] = ()
-        self._stuffer: _Stuffer | None = None
+        self._stuffer: DotStuffer | None = None
 
     # -- what the driver may look at
 
@@ -747,7 +699,7 @@ class SmtpClient:
             return
         if txn.accepted:
             self._phase = _BODY
-            self._stuffer = _Stuffer()
+            self._stuffer = DotStuffer()
             return
         # RFC 2920 §3.1: DATA accepted although no recipient was: send a lone dot.
         self._events.append(SendData(b".\r\n"))
