@@ -201,7 +201,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 
 from intermail.errors import ErrorKind, LocalProtocolError, MailError
-from intermail.proto import NEED_DATA
+from intermail.proto.buffered import BufferedInput
 from intermail.proto.dotstuff import DotStuffer, stuff_body
 
 __all__ = [
@@ -634,7 +634,7 @@ class _Bad(Exception):
         super().__init__(text)
 
 
-class Pop3Server:
+class Pop3Server(BufferedInput):
     """The server end of one POP3 connection; see the module docstring for the rules.
 
     Limits: ``max_line`` (any client line, octets with CRLF, at least
@@ -734,33 +734,18 @@ class Pop3Server:
             lines.append(f"IMPLEMENTATION {self.implementation}")
         return tuple(lines)
 
-    def pending_bytes(self) -> int:
-        """Received octets that no event has consumed yet (the pump's STARTTLS check)."""
-        return len(self._buffer)
+    # -- bytes in: pending_bytes and receive_data are BufferedInput's
 
-    # -- bytes in
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            if self._eof:
-                raise LocalProtocolError("receive_data after the end of the stream")
-            if self._state != CLOSED:  # after our close, input is ignored
-                self._buffer += data
-        else:
-            self._eof = True
+    def _input_closed(self) -> bool:
+        return self._state == CLOSED
 
     def next_event(self) -> object:
         """The next event or NEED_DATA; ``LocalProtocolError`` while the app owes an answer."""
         if self._owed is not None:
             raise LocalProtocolError(f"send {self._owed} before asking for the next event")
-        while not self._events:
-            if self._state == CLOSED:
-                return ConnectionClosed(self._close_reason)
-            if not self._step():
-                if not self._eof:
-                    return NEED_DATA
-                self._close(PEER_CLOSED)
-        event = self._events.popleft()
+        event = self._next_queued(PEER_CLOSED)
+        if event is None:
+            return self._nothing_queued(ConnectionClosed)
         if isinstance(event, AutoReply):
             self._owed = _AUTO
         elif isinstance(event, StartTls):

@@ -130,7 +130,7 @@ import re
 from typing import Any
 
 from intermail.errors import LocalProtocolError
-from intermail.proto import NEED_DATA
+from intermail.proto.buffered import BufferedInput
 from intermail.proto.imap import commands
 from intermail.proto.imap import render as _render
 from intermail.proto.imap.grammar import (
@@ -416,7 +416,7 @@ class _Decision:
     tag: str
 
 
-class ImapServer:
+class ImapServer(BufferedInput):
     """The server end of one IMAP connection; see the module docstring for the rules.
 
     Limits: ``max_line`` (octets of one command's lines, CRLFs included,
@@ -508,33 +508,18 @@ class ImapServer:
             return None
         return f"{self._decision.kind} of {self._decision.tag}"
 
-    def pending_bytes(self) -> int:
-        """Received octets no event has consumed yet (the pump's STARTTLS check)."""
-        return len(self._buffer)
+    # -- bytes in: pending_bytes and receive_data are BufferedInput's
 
-    # -- bytes in
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            if self._eof:
-                raise LocalProtocolError("receive_data after the end of the stream")
-            if self._phase != _CLOSED:  # after LOGOUT or too many errors, input is ignored
-                self._buffer += data
-        else:
-            self._eof = True
+    def _input_closed(self) -> bool:
+        return self._phase == _CLOSED
 
     def next_event(self) -> object:
         """The next event or NEED_DATA; ``LocalProtocolError`` while the app owes a decision."""
         if self._decision is not None:
             raise LocalProtocolError(f"send {self.owed} before asking for the next event")
-        while not self._events:
-            if self._phase == _CLOSED:
-                return ConnectionClosed(self._close_reason)
-            if not self._step():
-                if not self._eof:
-                    return NEED_DATA
-                self._close(PEER_CLOSED)
-        event = self._events.popleft()
+        event = self._next_queued(PEER_CLOSED)
+        if event is None:
+            return self._nothing_queued(ConnectionClosed)
         if isinstance(event, LiteralRequest):
             self._decision = _Decision(_DECIDE_LITERAL, event.tag)
         elif isinstance(event, Command) and isinstance(event.command, commands.Idle):

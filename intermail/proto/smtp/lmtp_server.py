@@ -141,7 +141,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from intermail.errors import LocalProtocolError
-from intermail.proto import NEED_DATA
+from intermail.proto.buffered import BufferedInput
 from intermail.proto.smtp import grammar
 from intermail.proto.smtp import replies as R
 from intermail.proto.smtp.grammar import GrammarError, Problem
@@ -355,7 +355,7 @@ _RCPT_REPLY = "a Reply to RcptTo"
 _RECIPIENT_REPLIES = "the per-recipient replies"
 
 
-class LmtpServer:
+class LmtpServer(BufferedInput):
     """The server end of one LMTP connection; see the module docstring for the rules.
 
     ``hostname`` is our name in the greeting and the LHLO reply.  Limits:
@@ -451,33 +451,18 @@ class LmtpServer:
         """What the app must send before the next event, if anything (for error messages and logs)."""
         return self._owed
 
-    def pending_bytes(self) -> int:
-        """Received octets that no event has consumed yet (the pump's STARTTLS check)."""
-        return len(self._buffer)
+    # -- bytes in: pending_bytes and receive_data are BufferedInput's
 
-    # -- bytes in
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            if self._eof:
-                raise LocalProtocolError("receive_data after the end of the stream")
-            if self._state != CLOSED:  # after our close, input is ignored
-                self._buffer += data
-        else:
-            self._eof = True
+    def _input_closed(self) -> bool:
+        return self._state == CLOSED
 
     def next_event(self) -> object:
         """The next event or NEED_DATA; ``LocalProtocolError`` while the app owes an answer."""
         if self._owed is not None:
             raise LocalProtocolError(f"send {self._owed} before asking for the next event")
-        while not self._events:
-            if self._state == CLOSED:
-                return ConnectionClosed(self._close_reason)
-            if not self._step():
-                if not self._eof:
-                    return NEED_DATA
-                self._close(PEER_CLOSED)
-        event = self._events.popleft()
+        event = self._next_queued(PEER_CLOSED)
+        if event is None:
+            return self._nothing_queued(ConnectionClosed)
         if isinstance(event, AutoReply):
             self._owed, self._owed_auto = _AUTO, event
         elif isinstance(event, MailFrom):
