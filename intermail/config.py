@@ -181,6 +181,24 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class AccessConfig:
+    failover_window: float = _key(30.0, "seconds an access server keeps retrying a store that went away (a take-over) before a session sees an error", minimum=0.0)
+    store_timeout: float = _key(30.0, "seconds an access server waits for one store answer", minimum=0.01)
+    imap_max_line: int = _key(65536, "longest IMAP command line, bytes, literals not counted (RFC 7162 asks for at least 8192)", minimum=1000)
+    imap_max_literal: int = _key(65536, "largest total of an IMAP command's literals other than APPEND messages, bytes", minimum=1)
+    imap_max_in_flight: int = _key(32, "IMAP commands of one session read ahead of their answers (pipelining)", minimum=1)
+    imap_max_bad_commands: int = _key(10, "bad IMAP commands in a row before the session is closed", minimum=1)
+    pop3_idle_timeout: float = _key(600.0, "seconds a POP3 session may sit idle (RFC 1939 asks for at least 10 minutes)", minimum=0.001)
+    pop3_lock_lease: float = _key(60.0, "seconds a POP3 maildrop lock lives without renewal (renewed while the session lives)", minimum=1.0)
+    auth_failure_delay: float = _key(2.0, "seconds each failed login is delayed once auth_failures_before_delay is reached", minimum=0.0)
+    max_auth_failures: int = _key(5, "failed logins on one connection before it is closed", minimum=1)
+    apop: bool = _key(False, "offer POP3 APOP (RFC 1939 7): off, it needs the password stored in clear")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "access.")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     cert_file: str = _key("", "PEM certificate chain for STARTTLS (SMTP, submission, IMAP, POP3); empty: no STARTTLS")
     key_file: str = _key("", "PEM private key of cert_file")
@@ -238,6 +256,7 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     instances: tuple[InstanceConfig, ...] = ()
     source: str | None = field(default=None, compare=False)  # file it came from; None = defaults
@@ -284,6 +303,7 @@ SECTIONS: dict[str, type] = {
     "runner": RunnerConfig,
     "directory": DirectoryConfig,
     "queue": QueueConfig,
+    "access": AccessConfig,
     "tls": TlsConfig,
 }
 INSTANCE_TABLE = "instance"

@@ -24,16 +24,25 @@ Methods (``user`` is the canonical account address, ``name`` a mailbox name,
     message.body       {user, name, uid, offset?, length?} -> {} + body: the bytes
     message.append     {user, name, flags?, date?, quota?} + request body: the message -> {uidvalidity, uid}
     message.store      {user, name, uids, mode, flags, unchanged_since?} -> {changed: [[uid, flags, modseq]], failed: [uid]}
-    message.expunge    {user, name, uids?}              -> {"uids": [...]}
+    message.expunge    {user, name, uids?, any_flags?}  -> {"uids": [...]}  (any_flags: not only \\Deleted ones)
     message.copy       {user, name, uids, target, quota?} -> {uidvalidity, pairs: [[src, dst]]}
     message.move       {user, name, uids, target}       -> {uidvalidity, pairs: [[src, dst]]}
     message.search     {user, name, criteria}           -> {"count"} + body: one JSON line per matching UID
     quota.usage        {user}                           -> {"bytes"}
+    maildrop.lock      {user, owner, lease}             -> {"acquired": bool, "owner"?}
+    maildrop.unlock    {user, owner}                    -> {"released": bool}
     store.health       {}                               -> the store's health
 
 Pushes: subscribe to topic ``mailbox:<id>`` (the id from ``mailbox.select``);
 each change of that mailbox is pushed as its event (``exists``, ``flags``,
 ``expunge``, ``gone``, ``renamed``).
+
+Maildrop locks (POP3's one session per maildrop, RFC 1939 §8) are leases
+held in this process's memory: taken by ``owner`` (any text the caller
+chooses) for ``lease`` seconds, renewed by locking again with the same
+owner, and gone when released, when the lease runs out, or when the RPC
+connection that took it closes (its access server died).  A take-over
+starts with none: the sessions of the old owner's connections are gone.
 
 Invariants: an argument is checked before use (unknown ones refused); any
 failure is a ``MailError`` with a safe text; a message body larger than
@@ -45,6 +54,7 @@ Logs: nothing (the RPC server logs requests that fail).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -56,6 +66,7 @@ from intermail.rpc.server import CallContext, Handler, RpcServer, Streamed
 __all__ = ["MailstoreService"]
 
 MAX_TEXT = 1024
+MAX_LOCKS = 100_000
 
 
 def _invalid(text: str) -> MailError:
@@ -135,6 +146,7 @@ class MailstoreService:
         self.mail = mailstore
         self.max_message = max_message
         self._rpc: RpcServer | None = None
+        self._locks: dict[str, tuple[str, Any, float]] = {}  # user -> (owner, connection, expiry)
 
     def attach(self, rpc: RpcServer) -> None:
         """Push every mailbox change to the connections subscribed to ``mailbox:<id>``."""
@@ -149,7 +161,7 @@ class MailstoreService:
             "message.fetch": self._fetch, "message.body": self._body, "message.append": self._append,
             "message.store": self._store, "message.expunge": self._expunge, "message.copy": self._copy,
             "message.move": self._move, "message.search": self._search, "quota.usage": self._usage,
-            "store.health": self._health,
+            "store.health": self._health, "maildrop.lock": self._lock, "maildrop.unlock": self._unlock,
         }
         return table  # type: ignore[return-value]
 
@@ -246,8 +258,14 @@ class MailstoreService:
         return {"changed": [list(c) for c in changed], "failed": failed}
 
     async def _expunge(self, ctx: CallContext, args: dict) -> dict:
-        a = _Args(args, {"user", "name", "uids"})
-        return {"uids": await self.mail.expunge(a.text("user"), a.text("name"), a.uids(required=False))}
+        a = _Args(args, {"user", "name", "uids", "any_flags"})
+        any_flags = args.get("any_flags", False)
+        if not isinstance(any_flags, bool):
+            raise _invalid("argument 'any_flags' must be true or false")
+        uids = a.uids(required=False)
+        if any_flags and uids is None:
+            raise _invalid("any_flags needs the uids to remove")
+        return {"uids": await self.mail.expunge(a.text("user"), a.text("name"), uids, flagged_only=not any_flags)}
 
     async def _copy(self, ctx: CallContext, args: dict) -> dict:
         a = _Args(args, {"user", "name", "uids", "target", "quota"})
@@ -269,6 +287,41 @@ class MailstoreService:
     async def _usage(self, ctx: CallContext, args: dict) -> dict:
         user = _Args(args, {"user"}).text("user")
         return {"bytes": await self.mail.usage(user)}
+
+    def _holder(self, user: str) -> str | None:
+        held = self._locks.get(user)
+        if held is None:
+            return None
+        owner, connection, expiry = held
+        alive = self._rpc is None or connection in self._rpc.connections
+        if time.monotonic() >= expiry or not alive:
+            del self._locks[user]
+            return None
+        return owner
+
+    async def _lock(self, ctx: CallContext, args: dict) -> dict:
+        a = _Args(args, {"user", "owner", "lease"})
+        user, owner, lease = a.text("user"), a.text("owner"), a.number("lease")
+        if lease is None or not 0 < lease <= 3600:
+            raise _invalid("argument 'lease' must be seconds, at most 3600")
+        holder = self._holder(user)
+        if holder is not None and holder != owner:
+            return {"acquired": False}
+        if len(self._locks) >= MAX_LOCKS and holder is None:
+            for name in list(self._locks):
+                self._holder(name)  # drop the dead ones
+            if len(self._locks) >= MAX_LOCKS:
+                raise MailError(ErrorKind.LIMIT, safe="too many maildrops locked")
+        self._locks[user] = (owner, ctx.connection, time.monotonic() + lease)
+        return {"acquired": True}
+
+    async def _unlock(self, ctx: CallContext, args: dict) -> dict:
+        a = _Args(args, {"user", "owner"})
+        user, owner = a.text("user"), a.text("owner")
+        if self._holder(user) == owner:
+            del self._locks[user]
+            return {"released": True}
+        return {"released": False}
 
     async def _health(self, ctx: CallContext, args: dict) -> dict:
         _Args(args, ())

@@ -701,12 +701,19 @@ class Mailstore:
             self._notify(box.id, {"event": "flags", "uid": uid, "flags": text, "modseq": m})
         return out, failed
 
-    async def expunge(self, user: str, name: str, ranges: names.UidRanges | None = None) -> list[int]:
-        """EXPUNGE (or UID EXPUNGE with ``ranges``): remove messages flagged \\Deleted; returns their UIDs."""
+    async def expunge(self, user: str, name: str, ranges: names.UidRanges | None = None, *,
+                      flagged_only: bool = True) -> list[int]:
+        """EXPUNGE (or UID EXPUNGE with ``ranges``): remove messages flagged \\Deleted; returns their UIDs.
+
+        ``flagged_only=False`` removes every message of ``ranges`` whatever
+        its flags (POP3's UPDATE state): in one transaction, so all of them
+        go or none does.
+        """
         u = self._user(user)
         async with u.lock:
             box = self._mailbox(user, name)
-            uids = await self._uids(box.id, ranges, where=" AND instr(' ' || flags || ' ', ' \\Deleted ') > 0")
+            where = " AND instr(' ' || flags || ' ', ' \\Deleted ') > 0" if flagged_only else ""
+            uids = await self._uids(box.id, ranges, where=where)
             if not uids:
                 return []
             txn = self.store.transaction()
