@@ -97,6 +97,7 @@ import binascii
 import calendar
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_tz
 from typing import NamedTuple
@@ -116,7 +117,7 @@ __all__ = [
     "from_json",
     "parse_addresses",
     "scan",
-    "section",
+    "section", "part_at",
     "to_json",
     "MAX_HEADER",
     "MAX_DEPTH",
@@ -1056,6 +1057,18 @@ def _subpart(part: Part, is_root: bool, number: int) -> Part | None:
     if is_root and number == 1:  # a non-multipart message has exactly a part 1: its body
         return part
     return None
+
+
+def part_at(info: MessageInfo, numbers: Sequence[int]) -> Part | None:
+    """The entity at part ``numbers`` (``()``: the message itself), or None if there is none."""
+    part: Part | None = info.part
+    is_root = True
+    for number in numbers:
+        part = _subpart(part, is_root, number) if part is not None and number >= 1 else None
+        if part is None:
+            return None
+        is_root = False
+    return part
 
 
 def section(info: MessageInfo, spec: str) -> tuple[int, int] | None:
