@@ -102,7 +102,7 @@ _LOGIN_CHALLENGES = (b"Username:", b"Password:")
 
 def capabilities(ctx: AccessContext, *, tls: bool, authenticated: bool) -> list[str]:
     """What the server announces now (RFC 9051 §7.2.2: it changes with TLS and login)."""
-    caps = ["IMAP4rev1"]
+    caps = ["IMAP4rev1", "IMAP4rev2"]
     can_login = tls or not ctx.login_needs_tls
     if not authenticated:
         if ctx.tls_context is not None and not tls:
@@ -382,17 +382,23 @@ class ImapSession:
         return result, [json.loads(line) for line in data.splitlines() if line]
 
     async def _do_enable(self, tag: str, cmd: c.Enable) -> str:
-        known = {"CONDSTORE", "UTF8=ACCEPT"}
+        known = {"CONDSTORE", "UTF8=ACCEPT", "IMAP4REV2"}
         new = [name.upper() for name in cmd.capabilities if name.upper() in known and name.upper() not in self.enabled]
         self.enabled.update(new)
-        if "UTF8=ACCEPT" in new:
+        new = ["IMAP4rev2" if name == "IMAP4REV2" else name for name in new]
+        if self.utf8:
             self.machine.utf8 = True
         await self._untagged(" ".join(["ENABLED", *new]))
         return "ENABLE completed"
 
     @property
     def utf8(self) -> bool:
-        return "UTF8=ACCEPT" in self.enabled
+        return "UTF8=ACCEPT" in self.enabled or self.rev2
+
+    @property
+    def rev2(self) -> bool:
+        """The client enabled IMAP4rev2 (RFC 9051 §6.3.1): ESEARCH only, no \\Recent, UTF-8 names."""
+        return "IMAP4REV2" in self.enabled
 
     @property
     def condstore(self) -> bool:
@@ -402,7 +408,7 @@ class ImapSession:
         readonly = isinstance(cmd, c.Examine)
         had = self.view is not None
         await self._unselect()
-        if had and self.utf8:
+        if had and (self.rev2 or self.condstore):
             await self._untagged(Untagged.status("OK", "Previous mailbox closed", "CLOSED"))
         if cmd.condstore:
             self.enabled.add("CONDSTORE")
@@ -425,8 +431,12 @@ class ImapSession:
         out = [Untagged(b"FLAGS " + render.value(render.flags(SYSTEM_FLAGS))),
                Untagged.status("OK", "Flags permitted", "PERMANENTFLAGS " + (
                    "()" if readonly else "(" + " ".join(SYSTEM_FLAGS) + " \\*)")),
-               Untagged(f"{len(view.uids)} EXISTS"), Untagged("0 RECENT")]
-        if unseen is not None:
+               Untagged(f"{len(view.uids)} EXISTS")]
+        if self.rev2:  # RFC 9051 §6.3.2: the mailbox's name as the server knows it
+            out.append(Untagged(render.list_response((), DELIMITER, view.name, utf8=True)))
+        else:
+            out.append(Untagged("0 RECENT"))
+        if unseen is not None and not self.rev2:
             out.append(Untagged.status("OK", "First unseen", f"UNSEEN {unseen}"))
         out += [Untagged.status("OK", "UIDs valid", f"UIDVALIDITY {view.uidvalidity}"),
                 Untagged.status("OK", "Predicted next UID", f"UIDNEXT {view.uidnext}"),
@@ -703,10 +713,10 @@ class ImapSession:
             _, rows = await self._lines("message.fetch", {"name": view.name, "uids": _ranges(uids_found),
                                                           "info": False})
             modseq = max((r["modseq"] for r in rows), default=None)
-        if cmd.returns is None:
+        if cmd.returns is None and not self.rev2:
             await self._untagged(render.search_response(results, modseq=modseq))
             return f"{cmd.name} completed"
-        options = set(cmd.returns) or {"ALL"}
+        options = set(cmd.returns or ()) or {"ALL"}
         data: list[tuple[str, object]] = []
         if "MIN" in options and results:
             data.append(("MIN", results[0]))

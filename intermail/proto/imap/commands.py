@@ -582,6 +582,7 @@ def _status(r: Reader) -> Parse[Status]:
 # append-message = append-opts SP append-data
 # append-opts = [SP flag-list] [SP date-time]
 # append-data = literal / literal8                                    (RFC 3516)
+# append-data =/ "UTF8" SP "(" literal8 ")"                           (RFC 6855 §4)
 def _append(r: Reader) -> Parse[Append]:
     r.sp()
     mailbox = yield from r.mailbox()
@@ -596,10 +597,17 @@ def _append(r: Reader) -> Parse[Append]:
         if r.peek() == 0x22:
             date = r.date_time()
             r.sp()
+        utf8_data = r.try_word("UTF8")
+        if utf8_data:
+            r.sp()
+            r.open_paren('"(" and the message')
         if r.peek() not in (0x7B, 0x7E):
             raise r.expected("the message literal")
         data = yield from r.literal(message=True, mailbox=mailbox, binary_ok=True)
-        messages.append(AppendMessage(data, flags, date, r.last_literal_binary))
+        binary = r.last_literal_binary
+        if utf8_data:
+            r.close_paren()
+        messages.append(AppendMessage(data, flags, date, binary))
         if r.at_end():
             return Append(mailbox, tuple(messages))
 
