@@ -243,7 +243,9 @@ class ImapSession:
             await self.pump.send(Tagged(tag, "NO", _clean(text), _CODES.get(exc.kind)))
             self.ctx.count("commands", "imap", "no")
             return
-        except (LocalProtocolError, GrammarError, ValueError, KeyError, TypeError, IndexError) as exc:
+        except (PeerClosedError, PumpTimeout, ConnectionError, RemoteProtocolError, OSError):
+            raise  # the connection is gone: nothing to answer
+        except Exception as exc:  # our bug: the client gets a clear NO, the session goes on
             log_event(log, "access.imap_failed", level=logging.ERROR, command=command.name,
                       error=f"{type(exc).__name__}: {exc}"[:300], exc_info=True)
             await self.pump.send(Tagged(tag, "NO", "Internal error", "SERVERBUG"))
