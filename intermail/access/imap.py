@@ -655,6 +655,8 @@ class ImapSession:
                     continue
                 out.append([min(a, b), max(a, b)])
             return out
+        if not view.uids and any(None in pair for pair in sequence.ranges):
+            return []  # "1:*" in an empty mailbox names no message (not an error)
         numbers = sequence.resolve(len(view.uids))
         if any(a < 1 or b > len(view.uids) for a, b in numbers):
             raise _Failed("Invalid message sequence number", status="BAD")
