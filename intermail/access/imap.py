@@ -89,6 +89,7 @@ register_events({
 })
 
 DELIMITER = "/"
+SPECIAL_USES = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive", "\\All", "\\Flagged")  # the store's
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _CODES = {
     ErrorKind.NOTFOUND: "NONEXISTENT", ErrorKind.EXISTS: "ALREADYEXISTS", ErrorKind.PERM: "CANNOT",
@@ -466,11 +467,13 @@ class ImapSession:
             self.wake.set()
 
     async def _do_create(self, tag: str, cmd: c.Create) -> str:
-        name = _mailbox_arg(cmd.mailbox)
+        name = _mailbox_arg(cmd.mailbox.rstrip(DELIMITER) or cmd.mailbox)  # RFC 9051 §6.3.4: ignore a trailing "/"
         if name.upper() == "INBOX":
             raise _Failed("INBOX exists already", "ALREADYEXISTS")
         if len(cmd.special_use) > 1:
             raise _Failed("One special use per mailbox", "USEATTR")
+        if cmd.special_use and cmd.special_use[0] not in SPECIAL_USES:
+            raise _Failed(f"Special use {cmd.special_use[0][:40]} is not supported", "USEATTR")
         args: dict[str, Any] = {"name": name}
         if cmd.special_use:
             args["special_use"] = cmd.special_use[0]
@@ -733,6 +736,11 @@ class ImapSession:
         if modseq is not None:
             data.append(("MODSEQ", modseq))
         if "SAVE" in options:
+            if results and options & {"MIN", "MAX"} and not options & {"ALL", "COUNT"}:
+                # RFC 5182 §2.1: with only MIN and/or MAX, only those are saved
+                keep = {results[0]} if "MIN" in options else set()
+                keep |= {results[-1]} if "MAX" in options else set()
+                uids_found = [u for u, r in zip(uids_found, results, strict=True) if r in keep]
             view.saved = uids_found
             if options == {"SAVE"}:
                 return f"{cmd.name} completed"

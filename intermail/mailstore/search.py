@@ -21,7 +21,10 @@ Invariants:
 - Nodes on indexed columns (flags, sizes, dates, UIDs, modseq, From, To,
   Cc, Bcc, Subject, Message-ID) become SQL.  A tree with ``body``, ``text``
   or another header is pre-filtered by its SQL conjuncts and then checked
-  row by row in Python, reading each candidate's body once.
+  row by row in Python, reading each candidate's body once.  So is a
+  header criterion with the empty string, which matches the messages that
+  have the field at all (the indexed columns cannot tell an empty field
+  from a missing one).
 - A malformed tree is INVALID, never a crash; the tree is bounded
   (:data:`MAX_NODES`).
 
@@ -128,8 +131,8 @@ class Query:
         op = node[0]
         if op in ("body", "text"):
             return True
-        if op == "header":
-            return node[1] not in INDEXED_HEADERS
+        if op == "header":  # "" asks whether the field is there at all: the columns cannot say
+            return node[1] not in INDEXED_HEADERS or node[2] == ""
         if op in ("and", "or", "not"):
             return any(self._needs_body(n) for n in node[1:])
         return False
@@ -232,7 +235,7 @@ class Query:
             return {"before": value < day, "since": value >= day}.get(kind, day <= value < day + DAY)
         if op == "header":
             column = INDEXED_HEADERS.get(node[1])
-            if column is not None:
+            if column is not None and node[2]:
                 return node[2] in row[column]
             headers = texts()[1]
             return any(node[2] in value for value in headers.get(node[1], ()))
