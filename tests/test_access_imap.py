@@ -1712,6 +1712,30 @@ def test_bad_input_gets_bad_and_the_session_goes_on(cluster, user):
         assert b" OK " in done
 
 
+def test_enable_imap4rev2(cluster, user):
+    """RFC 9051 once enabled: ESEARCH only, no RECENT, a LIST in SELECT, OK [CLOSED], UTF-8 names."""
+    deliver(cluster, user, simple("first"), simple("second"))
+    with wire(cluster, user) as w:
+        assert "IMAP4rev2" in capability_list(w)
+        untagged, done = w.command("ENABLE IMAP4rev2")
+        assert untagged == [b"* ENABLED IMAP4rev2"] and b" OK " in done
+        untagged, done = w.command("SELECT INBOX")
+        assert b"[READ-WRITE]" in done
+        assert not any(b"RECENT" in u for u in untagged), untagged
+        assert b'* LIST () "/" INBOX' in untagged
+        assert b"* 2 EXISTS" in untagged
+        untagged, done = w.command("SEARCH ALL")
+        assert re.fullmatch(rb'\* ESEARCH \(TAG "w\d+"\) ALL 1:2', untagged[0]), untagged
+        untagged, done = w.command('CREATE "Über/Straße"')
+        assert b" OK " in done, done
+        untagged, done = w.command('LIST "" "*"')
+        assert any('"Über/Straße"'.encode() in u or "Über/Straße".encode() in u for u in untagged), untagged
+        untagged, done = w.command('SELECT "Über/Straße"')
+        assert untagged[0] == b"* OK [CLOSED] Previous mailbox closed", untagged
+        untagged, done = w.command("APPEND INBOX UTF8 (~{13+}\r\nSubject: é\r\n)")
+        assert b"[APPENDUID " in done, done
+
+
 def test_too_many_bad_commands_get_bye(cluster):
     with wire(cluster) as w:  # 9 bad, a good one resets the count, 9 more bad: still open
         for i in range(9):
