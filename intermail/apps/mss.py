@@ -20,7 +20,10 @@ account's quota 552 5.2.2 (452 4.2.2 with ``limits.quota_temporary``).
 After the message, per recipient: 250 2.1.5, over quota 552 5.2.2 / 452
 4.2.2, a store failure 451 4.3.0.
 
-Roles: ``active`` (or no role) owns the identity from the start.  A
+Roles: ``active`` (or no role) owns the identity from the start, until a
+take-over; from then on the instance that took over does, as recorded in
+``<data>/run/owners.json`` (:mod:`intermail.monitor.owners`), and the
+former owner restarts as the spare.  A
 ``spare`` for the same identity (its own address; the same ``store_dirs``,
 on shared storage) starts idle: it serves health and a control RPC on its
 own address (``ports.rpc``) and waits for ``mss.takeover``.  Take-over opens
@@ -65,6 +68,7 @@ from intermail.errors import ErrorKind, MailError
 from intermail.log import log_event, register_events
 from intermail.mailstore.service import MailstoreService
 from intermail.mailstore.store import Delivered, Mailstore, Recipient
+from intermail.monitor import owners as ownership
 from intermail.net.metrics import MetricsServer
 from intermail.net.pump import PeerClosedError, Pump, PumpTimeout
 from intermail.net.runner import Runner
@@ -145,12 +149,14 @@ class MssApp:
             raise ConfigError(f"instance {name!r} is a {self.me.kind}, not an mss")
         self.identity = self.me.identity or name
         self.init = init
-        self.role = "spare" if self.me.role == "spare" else "active"
         owners = [i for i in config.instances_of("mss") if (i.identity or i.name) == self.identity
                   and i.role in ("active", "")]
         if len(owners) != 1:
             raise ConfigError(f"store identity {self.identity}: needs exactly one active instance, found {len(owners)}")
         self.owner = owners[0]  # whose address and ports the identity has
+        # After a take-over the record in <data>/run says who owns the identity:
+        # the repaired machine comes back as the spare (no fail-back).
+        self.role = "active" if ownership.owner_of(config, self.identity) == name else "spare"
         self.took_over_at: float | None = None
         self._takeover_lock = asyncio.Lock()
         self.options = store_options(config, name)
@@ -176,7 +182,10 @@ class MssApp:
         if self.role == "spare":
             control = RpcServer({"mss.takeover": self._takeover_call, "mss.status": self._status_call},
                                 instance=self.me.name)
-            await control.listen(runner, "control", self.me.address, self.me.ports.get("rpc", 0))
+            # The identity's own instance back as a spare shares the identity's address: its
+            # control port is then any free one (published in the ready file), not the store RPC's.
+            port = self.me.ports.get("rpc", 0) if self.me.address != self.owner.address else 0
+            await control.listen(runner, "control", self.me.address, port)
             return
         await self._activate(runner)
 
@@ -189,6 +198,7 @@ class MssApp:
             if self.mail is None:
                 assert self.runner is not None
                 log_event(log, "mss.takeover", identity=self.identity)
+                previous = ownership.owner_of(self.config, self.identity)
                 try:
                     await self._activate(self.runner, bind_timeout=float(timeout))
                 except Exception as exc:
@@ -198,6 +208,8 @@ class MssApp:
                     raise MailError(ErrorKind.UNAVAILABLE, safe="take-over failed",
                                     detail=f"{type(exc).__name__}: {exc}") from None
                 self.took_over_at = time.monotonic()
+                ownership.record_takeover(self.config, self.identity, self.me.name, previous,
+                                          self.took_over_at - began)
         return {"identity": self.identity, "seconds": round(time.monotonic() - began, 3),
                 **{k: v for k, v in (await self.health()).items() if k in ("epoch", "applied_seq")}}
 
