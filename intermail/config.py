@@ -199,6 +199,18 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    interval: float = _key(0.2, "seconds between two probe rounds of the monitor", minimum=0.01)
+    timeout: float = _key(0.5, "seconds one probe may take before it counts as failed", minimum=0.01)
+    down_after: int = _key(3, "failed probes in a row before an instance is DOWN (and acted upon)", minimum=1)
+    up_after: int = _key(2, "good probes in a row before a DOWN instance is UP again", minimum=1)
+    takeover_timeout: float = _key(10.0, "seconds a spare may take to take a store identity over", minimum=0.1)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "monitor.")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     cert_file: str = _key("", "PEM certificate chain for STARTTLS (SMTP, submission, IMAP, POP3); empty: no STARTTLS")
     key_file: str = _key("", "PEM private key of cert_file")
@@ -257,6 +269,7 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     instances: tuple[InstanceConfig, ...] = ()
     source: str | None = field(default=None, compare=False)  # file it came from; None = defaults
@@ -304,6 +317,7 @@ SECTIONS: dict[str, type] = {
     "directory": DirectoryConfig,
     "queue": QueueConfig,
     "access": AccessConfig,
+    "monitor": MonitorConfig,
     "tls": TlsConfig,
 }
 INSTANCE_TABLE = "instance"
