@@ -48,6 +48,7 @@ VERB_MODULES: tuple[str, ...] = (
     "intermail.admin.bench",
     "intermail.admin.directory",
     "intermail.admin.queue",
+    "intermail.admin.up",
 )
 
 DATA_ENV = "INTERMAIL_DATA"
