@@ -269,7 +269,7 @@ class MssApp:
         assert self.runner is not None
         if exc.kind is ErrorKind.FENCED:
             log_event(log, "mss.fenced", level=logging.ERROR, identity=self.identity)
-            self.runner.request_stop(exit_code=EXIT_FENCED, reason="fenced")
+            self.runner.request_stop(exit_code=EXIT_FENCED, reason="fenced", hurry=True)
         elif self.mail is not None and not self.mail.store.health()["ok"]:
             self.runner.request_stop(exit_code=1, reason="store failed")
 

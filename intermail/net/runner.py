@@ -297,12 +297,15 @@ class Runner:
             pid=os.getpid(),
         )
 
-    def request_stop(self, *, exit_code: int = EXIT_OK, reason: str = "requested") -> None:
+    def request_stop(self, *, exit_code: int = EXIT_OK, reason: str = "requested", hurry: bool = False) -> None:
         """Begin the shutdown sequence (safe to call more than once, from the loop thread).
 
         An app that must exit, e.g. a store fenced by a newer owner (I-6),
-        calls this with a non-zero ``exit_code``.
+        calls this with a non-zero ``exit_code``; ``hurry`` skips the drain
+        (live connections are cancelled at once: nothing more may be answered).
         """
+        if hurry:
+            self._hurry.set()
         if self._stop_requested.is_set():
             return
         self.exit_code = exit_code
