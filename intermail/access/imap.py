@@ -99,6 +99,7 @@ _CODES = {
 }
 _NO_EXPUNGE = (c.Fetch, c.Store, c.Search)  # by sequence number: no EXPUNGE while they run (RFC 9051 §7.5.1)
 _LOGIN_CHALLENGES = (b"Username:", b"Password:")
+_WRITE_BATCH = 256 << 10  # untagged responses queued before a write
 
 
 def capabilities(ctx: AccessContext, *, tls: bool, authenticated: bool) -> list[str]:
@@ -169,6 +170,8 @@ class ImapSession:
         self.enabled: set[str] = set()
         self.wake = asyncio.Event()
         self._auth: dict[str, Any] | None = None  # an AUTHENTICATE exchange in progress
+        self._out: list[Untagged] = []  # untagged responses not written yet
+        self._out_size = 0
         self._closing = False
 
     # -- the loop ------------------------------------------------------------------
@@ -187,7 +190,7 @@ class ImapSession:
     async def run(self) -> None:
         try:
             caps = " ".join(capabilities(self.ctx, tls=self.pump.tls, authenticated=False))
-            await self.pump.send(Untagged.status("OK", "intermail IMAP ready", f"CAPABILITY {caps}"))
+            await self._send(Untagged.status("OK", "intermail IMAP ready", f"CAPABILITY {caps}"))
             await self._loop()
         except (PeerClosedError, ConnectionError, RemoteProtocolError, TimeoutError, OSError):
             pass
@@ -202,20 +205,20 @@ class ImapSession:
             try:
                 event = await self.pump.next_event(timeout)
             except PumpTimeout:
-                await self.pump.send(Untagged.status("BYE", "Autologout: idle for too long"))
+                await self._send(Untagged.status("BYE", "Autologout: idle for too long"))
                 return
             if isinstance(event, Command):
                 await self._command(event.tag, event.command)
             elif isinstance(event, (BadCommand, LiteralTooBig)):
-                await self.pump.send(event.response)
+                await self._send(event.response)
             elif isinstance(event, LiteralRequest):
-                await self.pump.send(self._literal_decision(event))
+                await self._send(self._literal_decision(event))
             elif isinstance(event, AuthResponse):
                 await self._auth_step(event)
             elif isinstance(event, ConnectionClosed):
                 if event.reason == "too many errors":
                     with contextlib.suppress(ConnectionError, OSError, LocalProtocolError):
-                        await self.pump.send(Untagged.status("BYE", "Too many invalid commands"))
+                        await self._send(Untagged.status("BYE", "Too many invalid commands"))
                 return
 
     def _literal_decision(self, event: LiteralRequest) -> Continuation | Tagged:
@@ -228,20 +231,20 @@ class ImapSession:
 
     async def _command(self, tag: str, command: Any) -> None:
         if self.state not in command.STATES:
-            await self.pump.send(Tagged(tag, "BAD", f"{command.name} is not valid in this state"))
+            await self._send(Tagged(tag, "BAD", f"{command.name} is not valid in this state"))
             return
         handler = getattr(self, "_do_" + type(command).__name__.lower())
         try:
             result = await handler(tag, command)
         except _Failed as exc:
             await self._flush(command)
-            await self.pump.send(Tagged(tag, exc.status, exc.text, exc.code))
+            await self._send(Tagged(tag, exc.status, exc.text, exc.code))
             self.ctx.count("commands", "imap", "no")
             return
         except MailError as exc:
             await self._flush(command)
             text = exc.safe[:200] if exc.safe else "failed"
-            await self.pump.send(Tagged(tag, "NO", _clean(text), _CODES.get(exc.kind)))
+            await self._send(Tagged(tag, "NO", _clean(text), _CODES.get(exc.kind)))
             self.ctx.count("commands", "imap", "no")
             return
         except (PeerClosedError, PumpTimeout, ConnectionError, RemoteProtocolError, OSError):
@@ -249,20 +252,30 @@ class ImapSession:
         except Exception as exc:  # our bug: the client gets a clear NO, the session goes on
             log_event(log, "access.imap_failed", level=logging.ERROR, command=command.name,
                       error=f"{type(exc).__name__}: {exc}"[:300], exc_info=True)
-            await self.pump.send(Tagged(tag, "NO", "Internal error", "SERVERBUG"))
+            await self._send(Tagged(tag, "NO", "Internal error", "SERVERBUG"))
             self.ctx.count("commands", "imap", "error")
             return
         if result is None:
             return  # the handler answered (LOGOUT, IDLE, AUTHENTICATE...)
         await self._flush(command)
         code, text = result if isinstance(result, tuple) else (None, result)
-        await self.pump.send(Tagged(tag, "OK", text, code))
+        await self._send(Tagged(tag, "OK", text, code))
         self.ctx.count("commands", "imap", "ok")
 
     async def _untagged(self, *items: Untagged | bytes | str) -> None:
-        events = [item if isinstance(item, Untagged) else Untagged(item) for item in items]
-        if events:
-            await self.pump.send_all(events)
+        """Queue untagged responses; they go out with the command's next response, in one write."""
+        for item in items:
+            event = item if isinstance(item, Untagged) else Untagged(item)
+            self._out.append(event)
+            self._out_size += len(event.data) if isinstance(event.data, (bytes, str)) else 64
+        if self._out_size >= _WRITE_BATCH:
+            await self._send()
+
+    async def _send(self, *events: object) -> None:
+        """Write what is queued and ``events`` in one write (and drain)."""
+        out, self._out, self._out_size = [*self._out, *events], [], 0
+        if out:
+            await self.pump.send_all(out)
 
     # -- any state -----------------------------------------------------------------
 
@@ -275,7 +288,7 @@ class ImapSession:
         return f"{cmd.name} completed"
 
     async def _do_logout(self, tag: str, cmd: c.Logout) -> None:
-        await self.pump.send_all([Untagged.status("BYE", "Logging out"), Tagged(tag, "OK", "LOGOUT completed")])
+        await self._send(Untagged.status("BYE", "Logging out"), Tagged(tag, "OK", "LOGOUT completed"))
         self._closing = True
 
     async def _do_id(self, tag: str, cmd: c.Id) -> str:
@@ -310,7 +323,7 @@ class ImapSession:
             if exc.kind is ErrorKind.PERM:
                 raise _Failed("Authentication failed", "AUTHENTICATIONFAILED") from None
             if exc.kind is ErrorKind.LIMIT:
-                raise _Failed("Too many failed logins, try again later", "UNAVAILABLE") from None
+                raise _Failed("Too many login attempts, try again later", "UNAVAILABLE") from None
             raise _Failed("Authentication service unavailable, try again later", "UNAVAILABLE") from None
         try:
             self.client = self.ctx.stores.client(account.mss)
@@ -327,7 +340,7 @@ class ImapSession:
         self._auth = {"tag": tag, "mechanism": cmd.mechanism, "answers": []}
         if cmd.initial_response is not None:
             return await self._auth_answer(cmd.initial_response)
-        await self.pump.send(Continuation.challenge(b"" if cmd.mechanism == "PLAIN" else _LOGIN_CHALLENGES[0]))
+        await self._send(Continuation.challenge(b"" if cmd.mechanism == "PLAIN" else _LOGIN_CHALLENGES[0]))
         return None
 
     async def _auth_step(self, event: AuthResponse) -> None:
@@ -336,16 +349,16 @@ class ImapSession:
         tag = self._auth["tag"]
         if event.data is None:
             self._auth = None
-            await self.pump.send(Tagged(tag, "BAD", "Authentication cancelled"))
+            await self._send(Tagged(tag, "BAD", "Authentication cancelled"))
             return
         try:
             result = await self._auth_answer(event.data)
         except _Failed as exc:
             self._auth = None
-            await self.pump.send(Tagged(tag, exc.status, exc.text, exc.code))
+            await self._send(Tagged(tag, exc.status, exc.text, exc.code))
             return
         if result is not None:
-            await self.pump.send(Tagged(tag, "OK", result[1], result[0]))
+            await self._send(Tagged(tag, "OK", result[1], result[0]))
 
     async def _auth_answer(self, data: bytes) -> tuple[str, str] | None:
         """One client answer of the SASL exchange: None when another challenge was sent."""
@@ -362,7 +375,7 @@ class ImapSession:
             return await self._log_in(user, password)
         auth["answers"].append(data)
         if len(auth["answers"]) < 2:
-            await self.pump.send(Continuation.challenge(_LOGIN_CHALLENGES[1]))
+            await self._send(Continuation.challenge(_LOGIN_CHALLENGES[1]))
             return None
         self._auth = None
         try:
@@ -604,11 +617,12 @@ class ImapSession:
         return f"APPENDUID {uidvalidity} {_uid_set(uids)}", "APPEND completed"
 
     async def _do_idle(self, tag: str, cmd: c.Idle) -> None:
-        await self.pump.send(Continuation("idling"))
+        await self._send(Continuation("idling"))
         reader = asyncio.ensure_future(self.pump.next_event(self.limits.idle_timeout))
         try:
             while True:
                 await self._flush(cmd)
+                await self._send()
                 self.wake.clear()
                 waker = asyncio.ensure_future(self.wake.wait())
                 done, _ = await asyncio.wait({reader, waker}, return_when=asyncio.FIRST_COMPLETED)
@@ -621,12 +635,12 @@ class ImapSession:
         try:
             event = reader.result()
         except PumpTimeout:
-            await self.pump.send(Untagged.status("BYE", "Autologout: idle for too long"))
+            await self._send(Untagged.status("BYE", "Autologout: idle for too long"))
             self._closing = True
             return
         if isinstance(event, IdleDone):
             await self._flush(cmd)
-            await self.pump.send(event.response)
+            await self._send(event.response)
         elif isinstance(event, ConnectionClosed):
             self._closing = True
 
