@@ -141,9 +141,55 @@ def _run_smtp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_access_row(result: dict) -> None:
+    baseline = "unavailable" if result["baseline"] is None else f"{result['baseline']:>8,.1f}"
+    ratio = "-" if result["ratio"] is None else f"{result['ratio']:.2f}x"
+    errors = result["errors"]
+    details = result["details"]
+    other = "sessions_per_s" if result["metric"] == "ops/s" else "ops_per_s"
+    also = f"{details['ours'][other]:,.1f}" + (
+        f"/{details['baseline'][other]:,.1f}" if details["baseline"] is not None else "")
+    print(f"{result['case']:<24} ours {result['ours']:>8,.1f} {result['metric']:<10} baseline {baseline}  "
+          f"ratio {ratio}  ({other.replace('_per_s', '/s')} {also})  "
+          f"errors {errors['ours']}/{'-' if errors['baseline'] is None else errors['baseline']}", flush=True)
+
+
+def _run_access(args: argparse.Namespace) -> int:
+    from intermail.admin.bench_access import run_bench
+    from intermail.net.runner import loop_factory
+
+    for name in ("users", "messages"):
+        if getattr(args, name) <= 0:
+            print(f"intermail: --{name} must be positive", file=sys.stderr)
+            return 2
+    if args.users < max(args.concurrency):
+        print(f"intermail: --users ({args.users}) must be at least the largest --concurrency "
+              f"({max(args.concurrency)}): a session holds its account", file=sys.stderr)
+        return 2
+    protocol = args.bench_what
+    progress = None if args.json else _print_access_row
+    if not args.json:
+        workload = ("LOGIN, SELECT, FETCH 1:* (FLAGS ENVELOPE), FETCH headers, 2x FETCH BODY[], UID SEARCH, STORE, "
+                    "APPEND, UID STORE \\Deleted, UID EXPUNGE, LOGOUT" if protocol == "imap"
+                    else "USER, PASS, STAT, UIDL, RETR of every message, QUIT (nothing deleted)")
+        print(f"{protocol} bench: sessions of {workload}; {args.users} accounts of {args.messages} messages, "
+              f"{args.seconds:g} s per case; ours = accessd + mssd + dird, baseline = Dovecot {protocol.upper()} "
+              "(sdbox)", flush=True)
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        report = runner.run(run_bench(protocol, args.concurrency, args.seconds, args.users, args.messages, args.dir,
+                                      progress))
+    if args.json:
+        json.dump(report, sys.stdout)
+        print()
+    else:
+        for note in report["notes"]:
+            print(f"note: {note}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark against a baseline measured in the same run")
-    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory,lmtp,smtp}", required=True)
+    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory,lmtp,smtp,imap,pop3}", required=True)
     storage = whats.add_parser("storage", help="durable log commits/s vs raw write+fdatasync of the same disk")
     storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     storage.add_argument("--dir", default=None,
@@ -189,3 +235,19 @@ def register(subparsers: Any) -> None:
                       help="end to end: messages sent per server, timed until the last is stored (default 2000)")
     smtp.add_argument("--users", type=int, default=64, help="accounts the recipients rotate over (default 64)")
     smtp.set_defaults(run=_run_smtp)
+
+    for protocol, what in (("imap", "IMAP operations/s (12-command client sessions) into our accessd vs Dovecot"),
+                           ("pop3", "POP3 sessions/s (log in, list, retrieve all) from our accessd vs Dovecot")):
+        access = whats.add_parser(protocol, help=what)
+        access.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        access.add_argument("--dir", default=None,
+                            help="where the throw-away servers keep their data (default: temp)")
+        access.add_argument("--concurrency", type=_int_list, default=[1, 16],
+                            help="comma-separated concurrent session counts (default 1,16)")
+        access.add_argument("--seconds", type=float, default=3.0,
+                            help="measuring time per case and server (default 3)")
+        access.add_argument("--users", type=int, default=64,
+                            help="accounts the sessions rotate over, at least the largest concurrency (default 64)")
+        access.add_argument("--messages", type=int, default=20,
+                            help="messages in every account's INBOX, a mix of 2-40 KiB (default 20)")
+        access.set_defaults(run=_run_access)

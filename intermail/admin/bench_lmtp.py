@@ -41,29 +41,25 @@ import asyncio
 import contextlib
 import functools
 import os
-import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from intermail import config as config_module
+from intermail.admin.bench_dovecot import Dovecot, dovecot_home, find_or_install_dovecot
 from intermail.admin.bench_storage import host_info
 from intermail.apps.mss import DELIVERY_KEY_PARAM
 from intermail.directory.client import DirectoryClient
 from intermail.admin.bench_load import size_label, wire_message
-from intermail.testing.procs import TestCluster, free_port
+from intermail.testing.procs import TestCluster
 
 DOMAIN = "bench.test"
 SENDER = b"bench@load.test"
 PASSWORD = "bench-password"
-DOVECOT_PACKAGE = "dovecot-lmtpd"
 ERROR_SAMPLES = 5
 STOP_TIMEOUT = 30.0  # seconds a worker may take to finish its last message once the case is over
 
@@ -317,131 +313,6 @@ async def _provision(cluster: TestCluster, users: int) -> None:
         await client.close()
 
 
-# -- the baseline: Dovecot --------------------------------------------------------------
-
-
-def _dovecot_binary() -> str | None:
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    return shutil.which("dovecot", path=path)
-
-
-def find_or_install_dovecot(notes: list[str]) -> str | None:
-    """The ``dovecot`` binary, installing Debian's ``dovecot-lmtpd`` when it is missing; None if it cannot."""
-    binary = _dovecot_binary()
-    lmtp_missing = binary is not None and os.path.isdir("/usr/lib/dovecot") \
-        and not os.path.exists("/usr/lib/dovecot/lmtp")
-    if binary is not None and not lmtp_missing:
-        return binary
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        notes.append(f"baseline unavailable: dovecot's LMTP is not installed and cannot be installed here "
-                     f"(needs root and apt-get: apt-get install {DOVECOT_PACKAGE})")
-        return None
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", DOVECOT_PACKAGE]
-    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    binary = _dovecot_binary()
-    if done.returncode != 0 or binary is None:
-        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
-        notes.append(f"baseline unavailable: apt-get install {DOVECOT_PACKAGE} failed: {tail}")
-        return None
-    notes.append(f"installed {DOVECOT_PACKAGE} with apt-get for the baseline")
-    return binary
-
-
-class DovecotLmtp:
-    """A throw-away Dovecot serving LMTP only, everything under ``home``."""
-
-    def __init__(self, binary: str, home: str, process_limit: int):
-        self.binary = binary
-        self.home = Path(home)
-        self.process_limit = process_limit
-        self.address = ("127.0.0.1", free_port("127.0.0.1"))
-        self.proc: subprocess.Popen | None = None
-        self.version = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                                      timeout=30).stdout.split(" ")[0].strip() or "?"
-
-    @property
-    def log_file(self) -> Path:
-        return self.home / "dovecot.log"
-
-    def _config(self, uid: int, gid: int) -> str:
-        h = self.home
-        return f"""# throw-away Dovecot for `intermail bench lmtp`: LMTP only, defaults otherwise
-base_dir = {h}/run
-state_dir = {h}/state
-instance_name = intermail-bench-{os.getpid()}
-protocols = lmtp
-listen = 127.0.0.1
-ssl = no
-log_path = {self.log_file}
-first_valid_uid = {uid}
-first_valid_gid = {gid}
-mail_location = sdbox:{h}/mail/%u
-mail_fsync = optimized
-lmtp_save_to_detail_mailbox = no
-passdb {{
-  driver = static
-  args = nopassword=y
-}}
-userdb {{
-  driver = static
-  args = uid={uid} gid={gid} home={h}/mail/%u
-}}
-service lmtp {{
-  process_limit = {self.process_limit}
-  inet_listener lmtp {{
-    address = {self.address[0]}
-    port = {self.address[1]}
-  }}
-}}
-"""
-
-    def start(self, timeout: float = 30.0) -> None:
-        # Dovecot refuses uid 0 for mail: it delivers as the unprivileged "nobody".
-        user = pwd.getpwnam("nobody")
-        for sub in ("run", "state", "mail"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
-        os.chown(self.home / "mail", user.pw_uid, user.pw_gid)
-        conf = self.home / "dovecot.conf"
-        conf.write_text(self._config(user.pw_uid, user.pw_gid))
-        with open(self.home / "stderr.log", "wb") as stderr:
-            self.proc = subprocess.Popen([self.binary, "-F", "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dovecot exited with {self.proc.returncode}: {self.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(self.address, timeout=1) as sock:
-                sock.settimeout(2)
-                if sock.recv(512).startswith(b"220"):
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"dovecot's LMTP did not answer in {timeout:g} s: {self.log_tail()}")
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 3) -> str:
-        text = ""
-        for path in (self.log_file, self.home / "stderr.log"):
-            with contextlib.suppress(OSError):
-                text += path.read_text(errors="replace")
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-
 # -- the bench --------------------------------------------------------------------------
 
 
@@ -451,30 +322,14 @@ def _side(stats: LoadStats) -> dict[str, Any]:
             "client_cpu": stats.client_cpu, "server_cpu": stats.server_cpu}
 
 
-def _dovecot_home(base: str, notes: list[str]) -> tuple[str, str | None]:
-    """Where Dovecot's files go, and a directory made for them alone (to remove), if any.
-
-    Under ``base`` when Dovecot's mail user can reach it (``base`` is ours to
-    open up; its parents are not), else a directory of its own in the
-    system temp directory.
-    """
-    os.chmod(base, 0o711)
-    if all(parent.stat().st_mode & 0o001 for parent in Path(base).resolve().parents):
-        return os.path.join(base, "dovecot"), None
-    own = tempfile.mkdtemp(prefix="bench-lmtp-dovecot-")
-    os.chmod(own, 0o711)
-    notes.append("Dovecot's mailboxes are in the system temp directory: its mail user cannot reach --dir")
-    return own, own
-
-
-async def _start_dovecot(base: str, concurrency: list[int], notes: list[str]) -> tuple[DovecotLmtp | None, str | None]:
+async def _start_dovecot(base: str, concurrency: list[int], notes: list[str]) -> tuple[Dovecot | None, str | None]:
     binary = await asyncio.to_thread(find_or_install_dovecot, notes)
     if binary is None:
         return None, None
-    home, own = _dovecot_home(base, notes)
-    dovecot: DovecotLmtp | None = None
+    home, own = dovecot_home(base, notes, "bench-lmtp-")
+    dovecot: Dovecot | None = None
     try:
-        dovecot = DovecotLmtp(binary, home, max(100, *concurrency))
+        dovecot = Dovecot(binary, home, protocols=["lmtp"], process_limit=max(100, *concurrency))
         await asyncio.to_thread(dovecot.start)
     except (OSError, RuntimeError, TimeoutError, KeyError, subprocess.SubprocessError) as exc:
         notes.append(f"baseline unavailable: dovecot did not start: {exc}")
@@ -492,7 +347,7 @@ async def run_bench(concurrency: list[int], seconds: float, size: int, users: in
              "(the defaults); a 250 means durable on every mirror"]
     base = tempfile.mkdtemp(prefix="bench-lmtp-", dir=directory)
     cluster = _cluster(base)
-    dovecot: DovecotLmtp | None = None
+    dovecot: Dovecot | None = None
     dovecot_own: str | None = None
     results: list[dict] = []
     warmup = min(1.0, max(0.1, seconds / 5))

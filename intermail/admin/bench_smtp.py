@@ -279,7 +279,7 @@ def cpu_ticks(roots: list[int]) -> int | None:
     return sum(ticks[pid] for pid in wanted) if wanted else None
 
 
-class _CpuWindow:
+class CpuWindow:
     """CPU of this process and of the servers' process trees between ``__init__`` and ``stop``."""
 
     def __init__(self, roots: dict[str, list[int]]):
@@ -342,7 +342,7 @@ async def run_accept(target: Target, sessions: int, seconds: float, warmup: floa
     try:
         await asyncio.sleep(warmup)
         failures_before = await target.failures()
-        window = _CpuWindow(target.pids())
+        window = CpuWindow(target.pids())
         measuring = True
         await asyncio.sleep(seconds)
         measuring = False
@@ -382,7 +382,7 @@ async def run_end_to_end(target: Target, sessions: int, messages: int, sender: S
             stats.latencies.append(time.perf_counter() - began)
 
     opened = await asyncio.gather(*(open_session(target.address) for _ in range(sessions)))
-    window = _CpuWindow(target.pids())
+    window = CpuWindow(target.pids())
     tasks = [asyncio.create_task(worker(s)) for s in opened]
     await _finish(tasks, opened, stats, timeout=STOP_TIMEOUT + messages / MIN_RATE)
     stats.accept_seconds = time.perf_counter() - window.began
