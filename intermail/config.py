@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tomllib
 import types
 import typing
@@ -43,6 +44,8 @@ PORT_NAMES = frozenset({"smtp", "submission", "lmtp", "imap", "pop3", "rpc", "dn
 LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 LOG_FORMATS = frozenset({"json", "text"})
 LOOPS = frozenset({"auto", "asyncio", "uvloop"})
+_DNS_NAME = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                       r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")
 
 
 class ConfigError(MailError):
@@ -192,7 +195,6 @@ class AccessConfig:
     pop3_lock_lease: float = _key(60.0, "seconds a POP3 maildrop lock lives without renewal (renewed while the session lives)", minimum=1.0)
     auth_failure_delay: float = _key(2.0, "seconds each failed login is delayed once auth_failures_before_delay is reached", minimum=0.0)
     max_auth_failures: int = _key(5, "failed logins on one connection before it is closed", minimum=1)
-    apop: bool = _key(False, "offer POP3 APOP (RFC 1939 7): off, it needs the password stored in clear")
 
     def __post_init__(self) -> None:
         _check_fields(self, "access.")
@@ -208,6 +210,22 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "monitor.")
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    ttl: int = _key(5, "TTL of every record the cluster DNS server publishes, and its negative-answer TTL (SOA minimum), seconds", minimum=0)
+    tsig_key_name: str = _key("intermail-update", "name of the TSIG key (HMAC-SHA256) that signs RFC 2136 updates of the zone", required=True)
+    tsig_key_file: str = _key("", "the TSIG key, in BIND key-file format; empty: <data_dir>/keys/dns-update.key (created by dnsd --init)")
+    max_udp_payload: int = _key(1232, "largest UDP answer the DNS server sends (EDNS payload it announces); larger ones are truncated (TC)", minimum=512)
+    tcp_idle_timeout: float = _key(10.0, "seconds a DNS client's TCP connection may stay idle before the server closes it (RFC 7766)", minimum=0.01)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "dns.")
+        if not _DNS_NAME.fullmatch(self.tsig_key_name):
+            raise _Invalid("dns.tsig_key_name", f"not a DNS name: {self.tsig_key_name!r}")
+        if self.max_udp_payload > 65535:
+            raise _Invalid("dns.max_udp_payload", f"must be at most 65535, got {self.max_udp_payload}")
 
 
 @dataclass(frozen=True)
@@ -270,6 +288,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     instances: tuple[InstanceConfig, ...] = ()
     source: str | None = field(default=None, compare=False)  # file it came from; None = defaults
@@ -318,6 +337,7 @@ SECTIONS: dict[str, type] = {
     "queue": QueueConfig,
     "access": AccessConfig,
     "monitor": MonitorConfig,
+    "dns": DnsConfig,
     "tls": TlsConfig,
 }
 INSTANCE_TABLE = "instance"

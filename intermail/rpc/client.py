@@ -177,9 +177,12 @@ class _Connection:
         call.sent = True
         self.calls[call.id] = call
         try:
-            await self.pump.write(b"")  # drain
-            if body is not None:
-                await self._send_body(call, body)
+            try:
+                await self.pump.write(b"")  # drain
+                if body is not None:
+                    await self._send_body(call, body)
+            except ConnectionError as exc:  # reset while sending: a loss like any other, not a raw OSError
+                raise _Lost(sent=True, reason=f"{type(exc).__name__} while sending") from None
             return await call.future, call
         except BaseException:
             self.abandon(call)
