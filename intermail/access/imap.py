@@ -50,6 +50,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -390,11 +391,27 @@ class ImapSession:
         assert self.client is not None
         return await self.client.call(method, {"user": self.user, **args}, idempotent=idempotent, **kwargs)
 
-    async def _lines(self, method: str, args: dict) -> tuple[dict, list[Any]]:
+    async def _read(self, method: str, args: dict) -> tuple[dict, bytes]:
+        """A read with a streamed answer, whole; sent again when the store connection broke mid-answer.
+
+        The RPC client replays an idempotent call lost before its answer
+        began; one lost while its body came is this function's to replay,
+        within ``access.failover_window``, so a take-over is a pause here too.
+        """
         assert self.client is not None
-        result, body = await self.client.call_stream(method, {"user": self.user, **args}, idempotent=True)
-        async with body:
-            data = await body.read()
+        deadline = time.monotonic() + self.ctx.config.access.failover_window
+        while True:
+            try:
+                result, body = await self.client.call_stream(method, {"user": self.user, **args}, idempotent=True)
+                async with body:
+                    return result, await body.read()
+            except MailError as exc:
+                if exc.kind is not ErrorKind.UNAVAILABLE or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def _lines(self, method: str, args: dict) -> tuple[dict, list[Any]]:
+        result, data = await self._read(method, args)
         return result, [json.loads(line) for line in data.splitlines() if line]
 
     async def _do_enable(self, tag: str, cmd: c.Enable) -> str:
@@ -937,10 +954,7 @@ class ImapSession:
         args: dict[str, Any] = {"name": view.name, "uid": uid, "offset": offset}
         if length is not None:
             args["length"] = length
-        assert self.client is not None
-        _, body = await self.client.call_stream("message.body", {"user": self.user, **args}, idempotent=True)
-        async with body:
-            return await body.read()
+        return (await self._read("message.body", args))[1]
 
     # -- unsolicited responses -----------------------------------------------------
 

@@ -72,7 +72,8 @@ class StoreClients:
         # keepalive well inside the window, so an idle IDLE session notices a dead store in time
         client = RpcClient([address], instance=self.instance, connect_timeout=self.connect_timeout,
                            request_timeout=self.request_timeout, reconnect_window=self.failover_window,
-                           keepalive=min(30.0, max(1.0, self.failover_window / 3)))
+                           keepalive=min(30.0, max(1.0, self.failover_window / 3)),
+                           max_backoff=0.1)  # a take-over is over in well under a second: notice it soon
         self._clients[identity] = client
         return client
 

@@ -187,9 +187,72 @@ def _run_access(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_failover_trial(trial: Any) -> None:
+    extra = ""
+    if trial.phase == "monitor":
+        extra = f"  (DOWN declared {_seconds(trial.down)} s, take-over answered {_seconds(trial.takeover)} s"
+    else:
+        extra = f"  (take-over answered {_seconds(trial.takeover)} s"
+    extra += (f", spare's own {_seconds(trial.store_seconds)} s, "
+              f"accessd reconnected {_seconds(trial.access_connected)} s)")
+    print(f"{trial.phase:<8} trial {trial.index + 1:>3}: killed {trial.victim:<5} -> {trial.successor:<5} "
+          f"LMTP 250 {_seconds(trial.lmtp)} s  IMAP FETCH {_seconds(trial.imap)} s{extra}  "
+          f"delivered {trial.delivered}, in doubt {trial.in_doubt}, bye {trial.bye}"
+          + (f", FETCH not OK {trial.imap_no}" if trial.imap_no else "")
+          + (f"  FAILED: {trial.failure}" if trial.failure else ""), flush=True)
+
+
+def _run_failover(args: argparse.Namespace) -> int:
+    from intermail.admin.bench_failover import TARGET_MEDIAN, TARGET_P99, run_bench
+    from intermail.net.runner import loop_factory
+
+    baseline_trials = args.trials if args.baseline_trials is None else args.baseline_trials
+    for name, value, least in (("trials", args.trials, 1), ("baseline-trials", baseline_trials, 0),
+                               ("clients", args.clients, 1), ("users", args.users, 1),
+                               ("down-after", args.down_after, 1)):
+        if value < least:
+            print(f"intermail: --{name} must be at least {least}", file=sys.stderr)
+            return 2
+    if args.interval <= 0 or args.timeout <= 0:
+        print("intermail: --interval and --timeout must be positive", file=sys.stderr)
+        return 2
+    progress = None if args.json else _print_failover_trial
+    if not args.json:
+        print(f"failover bench: {args.trials} SIGKILLs of the active mssd under LMTP load ({args.clients} clients), "
+              f"take-over by the monitor ([monitor] interval = {args.interval:g} s, timeout = {args.timeout:g} s, "
+              f"down_after = {args.down_after}); baseline = {baseline_trials} kills with mss.takeover sent to the "
+              f"spare at once (no detection); targets: median <= {TARGET_MEDIAN:g} s, p99 <= {TARGET_P99:g} s",
+              flush=True)
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        report = runner.run(run_bench(args.trials, baseline_trials, args.clients, args.users, args.interval,
+                                      args.timeout, args.down_after, args.seed, args.dir, progress, args.keep))
+    if args.json:
+        json.dump(report, sys.stdout)
+        print()
+        return 0
+    for r in report["results"]:
+        base = r["details"]["baseline"]
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        print(f"{r['case']:<20} median {_seconds(r['median'])} s  p99 {_seconds(r['p99'])} s  "
+              f"max {_seconds(r['max'])} s  ({r['trials']} trials)  baseline median {_seconds(r['baseline'])} s "
+              f"p99 {_seconds(base['p99'])} s  ratio {ratio}  target {'met' if r['target_met'] else 'NOT met'}  "
+              f"lost {r['lost']} doubled {r['doubled']} bye {r['bye']} FETCH not OK {r['imap_failed']}")
+    d = report["deliveries"]
+    print(f"deliveries: {d['acknowledged']} acknowledged, {d['stored']} stored, {d['in_doubt_retried']} cut off "
+          f"after their end of DATA and retried with their key ({d['in_doubt_stored_once']} stored once)")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark against a baseline measured in the same run")
-    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory,lmtp,smtp,imap,pop3}", required=True)
+    whats = parser.add_subparsers(dest="bench_what", metavar="{storage,directory,lmtp,smtp,imap,pop3,failover}",
+                                  required=True)
     storage = whats.add_parser("storage", help="durable log commits/s vs raw write+fdatasync of the same disk")
     storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     storage.add_argument("--dir", default=None,
@@ -251,3 +314,19 @@ def register(subparsers: Any) -> None:
         access.add_argument("--messages", type=int, default=20,
                             help="messages in every account's INBOX, a mix of 2-40 KiB (default 20)")
         access.set_defaults(run=_run_access)
+
+    failover = whats.add_parser("failover", help="seconds from a SIGKILL of the active store to LMTP and IMAP "
+                                "served again by its spare (monitor take-over), lost/doubled mail counted")
+    failover.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    failover.add_argument("--dir", default=None, help="where the throw-away cluster lives (default: temp)")
+    failover.add_argument("--trials", type=int, default=20, help="kills with the monitor's take-over (default 20)")
+    failover.add_argument("--baseline-trials", type=int, default=None,
+                          help="kills with mss.takeover sent directly, no monitor (default: as many as --trials)")
+    failover.add_argument("--clients", type=int, default=4, help="concurrent LMTP clients (default 4)")
+    failover.add_argument("--users", type=int, default=4, help="accounts the clients deliver to (default 4)")
+    failover.add_argument("--interval", type=float, default=0.1, help="[monitor] interval, seconds (default 0.1)")
+    failover.add_argument("--timeout", type=float, default=0.3, help="[monitor] timeout, seconds (default 0.3)")
+    failover.add_argument("--down-after", type=int, default=3, help="[monitor] down_after, probes (default 3)")
+    failover.add_argument("--seed", type=int, default=None, help="seed of the kill moments (default: random)")
+    failover.add_argument("--keep", action="store_true", help="keep the cluster's data directory (logs) afterwards")
+    failover.set_defaults(run=_run_failover)

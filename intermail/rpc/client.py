@@ -368,11 +368,14 @@ class RpcClient:
         max_frame: int = DEFAULT_MAX_FRAME,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         body_buffer: int = BODY_BUFFER,
+        max_backoff: float = _BACKOFF_MAX,
     ):
         """``connect_timeout``: per address, TCP connect and HELLO exchange;
         ``request_timeout``: per call, until its answer (and between pieces of
         a response body); ``reconnect_window``: how long after a loss we keep
-        trying to reconnect and retry; ``keepalive``: idle seconds before a ping."""
+        trying to reconnect and retry; ``keepalive``: idle seconds before a ping;
+        ``max_backoff``: longest pause between two reconnect walks (a client
+        waiting for a spare to take an address over wants it short)."""
         if not addresses:
             raise ValueError("an RpcClient needs at least one address")
         self.addresses = [(str(host), int(port)) for host, port in addresses]
@@ -384,6 +387,7 @@ class RpcClient:
         self.max_frame = max_frame
         self.max_in_flight = max_in_flight
         self.body_buffer = body_buffer
+        self.max_backoff = max_backoff
         self._current: _Connection | None = None
         self._connecting: asyncio.Task | None = None
         self._background: asyncio.Task | None = None
@@ -567,7 +571,7 @@ class RpcClient:
                           addresses=[list(a) for a in self.addresses], window=self.reconnect_window)
                 raise MailError(ErrorKind.UNAVAILABLE, detail="no server reachable: " + "; ".join(errors[-3:]))
             await asyncio.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, _BACKOFF_MAX)
+            delay = min(delay * 2, self.max_backoff)
 
     async def _open(self, address: tuple[str, int]) -> _Connection:
         """Connect, exchange HELLOs, renew subscriptions; the connection is not yet current."""
