@@ -207,6 +207,7 @@ class MonitorConfig:
     down_after: int = _key(3, "failed probes in a row before an instance is DOWN (and acted upon)", minimum=1)
     up_after: int = _key(2, "good probes in a row before a DOWN instance is UP again", minimum=1)
     takeover_timeout: float = _key(10.0, "seconds a spare may take to take a store identity over", minimum=0.1)
+    startup_grace: float = _key(10.0, "seconds after the monitor starts before it takes over a store it has not yet seen up (it may be starting)", minimum=0.0)
 
     def __post_init__(self) -> None:
         _check_fields(self, "monitor.")

@@ -87,3 +87,27 @@ def test_the_monitor_promotes_the_spare_and_the_old_owner_returns_as_spare(tmp_p
         assert json.loads((cluster.data / "run" / "owners.json").read_text())["owners"] == {"mss1": "mss1"}
     finally:
         cluster.stop_all()
+
+
+def test_a_store_never_seen_up_is_taken_over_only_after_the_start_up_grace(tmp_path: Path):
+    cluster = TestCluster(tmp_path / "data", sections={
+        "directory": {"hash_time_cost": 1, "hash_memory_kib": 8, "hash_parallelism": 1},
+        "monitor": {"interval": 0.1, "timeout": 0.3, "down_after": 3, "startup_grace": 2.0}})
+    cluster.add("dir1", "directory", role="primary", ports={"rpc": 0})
+    cluster.add("mss1", "mss", identity="mss1", role="active", ports={"lmtp": 0, "rpc": 0})
+    cluster.add("mss1b", "mss", identity="mss1", role="spare", ports={"rpc": 0})
+    cluster.add("mon", "monitor", ports={})
+    cluster.write()
+    try:
+        cluster.start_all(["dir1", "mss1b", "mon"])  # mss1 never starts: the monitor never sees it up
+        began = time.monotonic()
+        for argv in (("domain", "add", "example.org"), ("user", "add", USER, "--password", "pw", "--mss", "mss1")):
+            done = subprocess.run([sys.executable, "-m", "intermail", *argv, "--data", str(cluster.data)],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+        wait_for(lambda: (cluster.data / "run" / "owners.json").exists(), timeout=15)
+        assert time.monotonic() - began >= 1.0  # not before the grace (counted from the monitor's start)
+        assert any(e.get("deferred") for e in events(cluster, "mon", "monitor.state"))
+        wait_for(lambda: lmtp_delivers(cluster, "served by the spare"), timeout=10)
+    finally:
+        cluster.stop_all()

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -227,6 +228,55 @@ def test_listen_rejects_duplicates():
             await runner.listen("b", "127.0.0.1", 0, app.handle)
 
     run_on("asyncio", scenario())
+
+
+class DatagramEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+
+def test_listen_datagram_records_publishes_and_closes_at_shutdown(loop_name, tmp_path):
+    ready = tmp_path / "udp.ready"
+
+    async def scenario():
+        app = EchoApp(names=("tcp",))
+        runner = Runner(app, install_signals=False, ready_file=ready)
+        await runner.start()
+        bound = await runner.listen_datagram("udp", "127.0.0.1", 0, DatagramEcho)
+        assert runner.addresses["udp"] == bound and bound[1] > 0
+        assert read_ready_file(ready)["udp"] == bound  # opened after start: published too
+        with pytest.raises(ValueError, match="already open"):
+            await runner.listen_datagram("udp", "127.0.0.1", 0, DatagramEcho)
+        with pytest.raises(ValueError, match="already open"):
+            await runner.listen("udp", "127.0.0.1", 0, app.handle)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a pre-bound socket is served as it is
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        assert await runner.listen_datagram("udp2", "ignored", 0, DatagramEcho, sock=sock) == sock.getsockname()
+        loop = asyncio.get_running_loop()
+        received: asyncio.Future[bytes] = loop.create_future()
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                if not received.done():
+                    received.set_result(data)
+
+        client, _ = await loop.create_datagram_endpoint(Client, remote_addr=bound)
+        client.sendto(b"ping")
+        assert await asyncio.wait_for(received, 5) == b"ping"
+        client.close()
+        second = sock.getsockname()
+        await runner.shutdown()
+        await asyncio.sleep(0.05)  # a transport closes its socket on the next loop turn
+        for address in (bound, second):  # closed with the listeners: the ports are free again
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            probe.bind(address)
+            probe.close()
+
+    run_on(loop_name, scenario())
 
 
 class LineEchoProtocol(asyncio.Protocol):

@@ -24,7 +24,8 @@ acts on what it sees.  Its view (state per instance) is written to
 Invariants:
 
 - At most one take-over per identity at a time; none without a spare that
-  answers its probes.
+  answers its probes; none for a store not seen up since the monitor
+  started until ``monitor.startup_grace`` has passed (it may be starting).
 - An address is removed from a name only while another address of the name
   is in the zone.
 
@@ -115,6 +116,8 @@ class _Target:
     probes: list[tuple[str, Callable[[], tuple[str, int] | None]]]
     tracker: Tracker
     why: str = ""
+    ever_up: bool = False  # seen UP since the monitor started
+    pending: bool = False  # DOWN, not acted upon yet (still in the start-up grace)
 
 
 class MonitorApp:
@@ -132,6 +135,7 @@ class MonitorApp:
         self.power = power or ProcessPowerSwitch(config)
         self.targets: list[_Target] = []
         self._busy: set[str] = set()  # identities being taken over
+        self._started = time.monotonic()
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         for inst in config.instances:
@@ -186,6 +190,7 @@ class MonitorApp:
         if "metrics" in self.me.ports:
             metrics = MetricsServer(_registry(), self.health, instance=self.me.name)
             await metrics.listen(runner, self.me.address, self.me.ports["metrics"])
+        self._started = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -211,11 +216,25 @@ class MonitorApp:
         results = await asyncio.gather(*(self._probe(t) for t in self.targets))
         now = time.monotonic()
         changed = False
+        settled = now - self._started >= self.config.monitor.startup_grace
         for target, (ok, why) in zip(self.targets, results, strict=True):
             change = target.tracker.observe(ok, now)
             if not ok:
                 target.why = why
+            if target.pending and settled and target.tracker.state == DOWN:
+                target.pending = False
+                self._spawn(self._act(target, DOWN))
             if change is None:
+                continue
+            if change.new == UP:
+                target.ever_up, target.pending = True, False
+            if change.new == DOWN and target.kind == "identity" and not target.ever_up and not settled:
+                # A store never seen up since we started may just be starting: a take-over
+                # now would fight it for its address.  Act once the grace is over.
+                target.pending = True
+                log_event(log, "monitor.state", level=logging.WARNING, target=target.name, old=change.old,
+                          new=change.new, why=why, deferred=True)
+                changed = True
                 continue
             changed = True
             log_event(log, "monitor.state", level=logging.WARNING if change.new == DOWN else logging.INFO,

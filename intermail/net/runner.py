@@ -2,8 +2,8 @@
 
 Owns: a process's listeners, its live connections and its life cycle:
 start the app (which opens listeners with :meth:`Runner.listen`, or
-:meth:`Runner.listen_protocol` for a library that is an asyncio protocol; port 0
-allowed), record each listener's real ``(host, port)`` in
+:meth:`Runner.listen_protocol` for a library that is an asyncio protocol, or
+:meth:`Runner.listen_datagram` for UDP; port 0 allowed), record each listener's real ``(host, port)`` in
 :attr:`Runner.addresses`, optionally publish them in a JSON *ready file*,
 serve until SIGTERM/SIGINT (or :meth:`Runner.request_stop`), then drain and
 exit.
@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl as ssl_module
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -92,6 +93,7 @@ class Runner:
         self.stopping = asyncio.Event()  # set once a stop is requested: handlers may wrap up
         self.exit_code = EXIT_OK
         self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._datagrams: dict[str, asyncio.BaseTransport] = {}
         self._connections: set[asyncio.Task] = set()
         self._no_connections = asyncio.Event()
         self._no_connections.set()
@@ -163,8 +165,40 @@ class Runner:
         )
         return self._record_listener(name, server, tls=ssl is not None)
 
+    async def listen_datagram(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        factory: ProtocolFactory,
+        *,
+        sock: socket.socket | None = None,
+    ) -> tuple[str, int]:
+        """Open a UDP endpoint called ``name`` with a protocol from ``factory``; returns its bound address.
+
+        ``sock``, when given, is an already bound datagram socket to serve on
+        instead of (host, port) -- for a service that needs one port number
+        free for both UDP and TCP (DNS).  A datagram endpoint has no
+        connections to track or drain: it is closed with the stream
+        listeners, when the shutdown stops accepting.
+        """
+        self._check_new_listener(name)
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
+        else:
+            transport, _ = await loop.create_datagram_endpoint(factory, local_addr=(host, port))
+        sockname = transport.get_extra_info("sockname")
+        bound = (str(sockname[0]), int(sockname[1]))
+        self._datagrams[name] = transport
+        self.addresses[name] = bound
+        log_event(log, "runner.listening", listener=name, host=bound[0], port=bound[1], tls=False, transport="udp")
+        if self._ready and self.ready_file is not None:
+            write_ready_file(self.ready_file, self.addresses, instance=self.instance)
+        return bound
+
     def _check_new_listener(self, name: str) -> None:
-        if name in self._servers:
+        if name in self._servers or name in self._datagrams:
             raise ValueError(f"listener {name!r} is already open")
         if self.stopping.is_set():
             raise RuntimeError("the runner is stopping: no new listeners")
@@ -346,6 +380,8 @@ class Runner:
         self.stopping.set()
         for server in self._servers.values():
             server.close()
+        for transport in self._datagrams.values():
+            transport.close()
         # Logged after the close, so whoever reads this line can rely on it:
         # the listeners no longer accept.
         log_event(
