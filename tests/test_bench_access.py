@@ -21,6 +21,7 @@ import pytest
 
 from intermail.admin.bench_access import IMAP_COMMANDS, Mailbox
 from intermail.admin.bench_load import mailbox_mix
+from intermail.testing.procs import processes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,16 +33,7 @@ def _bench_leftovers() -> set[str]:
 def _bench_processes(bench_pid: int) -> list[str]:
     """Processes started by a bench: named after its directory (ours, Dovecot's master) or its Dovecot
     instance (``intermail-bench-<pid of the bench>``, Dovecot's children)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "bench-access-" in cmdline or f"intermail-bench-{bench_pid}/" in cmdline:
-                found.append(f"{proc.name}: {cmdline}")
-    return found
+    return processes(lambda cmdline: "bench-access-" in cmdline or f"intermail-bench-{bench_pid}/" in cmdline)
 
 
 def _run(protocol: str, tmp_path: Path) -> tuple[dict, int]:

@@ -18,21 +18,14 @@ from pathlib import Path
 import pytest
 
 from intermail.admin.bench_failover import quantile
+from intermail.testing.procs import processes
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _leftovers(base: Path) -> list[str]:
     found = [p.name for p in base.glob("bench-failover-*")]
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(base) in cmdline and "bench-failover-" in cmdline:
-                found.append(f"{proc.name}: {cmdline}")
-    return found
+    return found + processes(lambda cmdline: str(base) in cmdline and "bench-failover-" in cmdline)
 
 
 def test_nearest_rank_p99_of_few_trials_is_the_largest():

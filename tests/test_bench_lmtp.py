@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from intermail.testing.procs import processes
+
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -26,16 +28,7 @@ def _bench_leftovers() -> set[str]:
 
 
 def _bench_processes() -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "bench-lmtp-" in cmdline or "intermail-bench-" in cmdline:
-                found.append(cmdline)
-    return found
+    return processes(lambda cmdline: "bench-lmtp-" in cmdline or "intermail-bench-" in cmdline)
 
 
 def test_bench_lmtp_json_contract(tmp_path):

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from intermail.admin.bench_load import group_alive
 from intermail.testing.procs import free_port
 
 # protocol -> (Debian package, executable Dovecot starts for it, what its greeting starts with)
@@ -47,18 +48,6 @@ PROTOCOLS = {
     "pop3": ("dovecot-pop3d", "pop3", b"+OK"),
 }
 LIBEXEC = "/usr/lib/dovecot"  # where Debian puts the per-protocol executables
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of process group ``pgid`` is still there (zombies aside)."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{name}/stat").read_bytes()
-                fields = stat[stat.rindex(b")") + 2:].split()
-                if int(fields[2]) == pgid and fields[0] != b"Z":
-                    return True
-    return False
 
 
 def _dovecot_binary() -> str | None:
@@ -230,7 +219,7 @@ lmtp_save_to_detail_mailbox = no
                 self.proc.kill()
                 self.proc.wait()
         deadline = time.monotonic() + timeout
-        while _group_alive(self.proc.pid):
+        while group_alive(self.proc.pid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, signal.SIGKILL)

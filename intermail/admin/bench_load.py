@@ -16,7 +16,10 @@ Logs: nothing.
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import random
+from pathlib import Path
 
 from intermail.proto.dotstuff import stuff_body
 
@@ -142,3 +145,15 @@ def draft_message(to: str, serial: int, size: int = 4096) -> bytes:
     """A message a client saves with IMAP APPEND (a draft), ``size`` octets."""
     head = _headers(serial, 2, to, f"Draft {serial}", "text/plain; charset=utf-8") + "\r\n"
     return _fill(head + "Not sent yet.\r\n", size).encode("ascii")
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still there (zombies aside)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{name}/stat").read_bytes()
+                fields = stat[stat.rindex(b")") + 2:].split()
+                if int(fields[2]) == pgid and fields[0] != b"Z":
+                    return True
+    return False

@@ -80,10 +80,12 @@ from pathlib import Path
 from typing import Any
 
 from intermail import config as config_module
-from intermail.admin.bench_lmtp import _provision as provision  # the same accounts as the LMTP bench
+from intermail.admin.bench_lmtp import (
+    _provision as provision,  # the same accounts as the LMTP bench
+)
+from intermail.admin.bench_load import group_alive, size_label, wire_message
 from intermail.admin.bench_storage import host_info
 from intermail.rpc.client import RpcClient
-from intermail.admin.bench_load import size_label, wire_message
 from intermail.testing.procs import TestCluster, free_port
 
 DOMAIN = "bench.test"
@@ -706,7 +708,7 @@ append_dot_mydomain = no
                     proc.kill()
                     proc.wait()
             deadline = time.monotonic() + timeout
-            while _group_alive(proc.pid):
+            while group_alive(proc.pid):
                 if time.monotonic() > deadline:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, signal.SIGKILL)
@@ -725,18 +727,6 @@ def _answers_220(address: tuple[str, int]) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(address, timeout=1) as sock:
         sock.settimeout(2)
         return sock.recv(512).startswith(b"220")
-    return False
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of process group ``pgid`` (a session we started) is still there."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{name}/stat").read_bytes()
-                fields = stat[stat.rindex(b")") + 2:].split()
-                if int(fields[2]) == pgid and fields[0] != b"Z":
-                    return True
     return False
 
 

@@ -373,8 +373,8 @@ class ServerConnection:
                 record.body.discard()  # the rest is dropped as it arrives
                 await record.body.wait_ended()
             if isinstance(answer, Streamed):
-                await self._send(Response(record.id, answer.result, more=True))
-                await self._stream(record, answer.body)
+                # the response goes out with the body's first piece: one write for a small answer
+                await self._stream(record, answer.body, head=Response(record.id, answer.result, more=True))
             else:
                 await self._send(Response(record.id, answer))
         except asyncio.CancelledError:
@@ -406,15 +406,23 @@ class ServerConnection:
         except (LocalProtocolError, RuntimeError):
             pass  # the connection failed meanwhile
 
-    async def _stream(self, record: _ServerRequest, body: Body) -> None:
+    async def _stream(self, record: _ServerRequest, body: Body, head: Response) -> None:
         pieces = body_pieces(body, chunk_size(self.machine.peer_max_frame))
+        pending: Response | None = head
         try:
             async with contextlib.aclosing(lookahead(pieces)) as numbered:
                 async for piece, last in numbered:
+                    frames: list[object] = [] if pending is None else [pending]
+                    pending = None
                     if record.cancelled_by_peer:
-                        await self._send(Chunk(record.id, b"", final=True))
+                        frames.append(Chunk(record.id, b"", final=True))
+                    else:
+                        frames.append(Chunk(record.id, piece, final=last))
+                    await self.pump.send_all(frames)
+                    if record.cancelled_by_peer:
                         return
-                    await self._send(Chunk(record.id, piece, final=last))
+            if pending is not None:  # not reached: lookahead yields one empty final piece for an empty body
+                await self._send(pending)
         finally:
             await pieces.aclose()
             closer = getattr(body, "aclose", None)

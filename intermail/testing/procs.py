@@ -60,6 +60,24 @@ def free_port(address: str) -> int:
         return sock.getsockname()[1]
 
 
+def processes(match: Any) -> list[str]:
+    """``"pid: command line"`` of every live process whose command line ``match(cmdline)`` accepts.
+
+    What the leak checks of the bench tests look for (processes a bench
+    started and should have stopped).
+    """
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline and match(cmdline):
+                found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
