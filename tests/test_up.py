@@ -87,6 +87,7 @@ def test_up_serves_mail_and_survives_the_drills(cluster):
     assert by_name["mss1"]["role"] == "active" and by_name["mss1b"]["role"] == "spare"
     assert by_name["mss1"]["identity"] == "mss1" and by_name["dir1"]["role"] == "primary"
     assert by_name["mta1"]["ports"]["smtp"] == 2525 and by_name["access1"]["ports"]["imap"] == 2143
+    assert status["names"]["mta"] == ["127.0.3.1", "127.0.3.2"] and status["names"]["mss1"] == ["127.0.5.1"]
 
     intermail(cluster, "domain", "add", "example.org")
     intermail(cluster, "user", "add", "alice@example.org", "--password", "secret")

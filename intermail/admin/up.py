@@ -30,7 +30,8 @@ Invariants:
 - ``status --json`` is the contract of ARCHITECTURE.md: ``state`` is ``up``
   for a live process that published its ports and that the monitor does
   not hold DOWN, ``starting`` for a live one that has not yet, ``down``
-  otherwise.
+  otherwise.  It also carries ``takeovers`` (the last ones) and ``names``
+  (the addresses each service name has in the cluster's DNS now).
 
 Exit status: 0 done; 1 an instance did not start (its log tail is printed);
 2 usage or configuration errors.
@@ -274,7 +275,27 @@ def instance_status(config: Config) -> dict[str, Any]:
     record = ownership.read(config)
     return {"zone": config.cluster.zone,
             "dns": {"address": dns.address, "port": dns.ports.get("dns", 53)} if dns else None,
-            "instances": out, "takeovers": record["takeovers"][-10:]}
+            "instances": out, "takeovers": record["takeovers"][-10:],
+            "names": _dns_names(config, dns) if dns else {}}
+
+
+def _dns_names(config: Config, dns_instance: Any) -> dict[str, list[str] | None]:
+    """The addresses each service name has in the cluster's DNS now (None: no answer)."""
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    names: dict[str, list[str] | None] = {}
+    for name in ("mta", "imap", "pop", "dir", *sorted({i.identity or i.name for i in config.instances_of("mss")})):
+        query = dns.message.make_query(f"{name}.{config.cluster.zone}", dns.rdatatype.A)
+        try:
+            answer = dns.query.tcp(query, dns_instance.address, port=dns_instance.ports.get("dns", 53), timeout=1.0)
+        except (OSError, dns.exception.DNSException):
+            names[name] = None
+            continue
+        names[name] = sorted(r.address for rrset in answer.answer for r in rrset if rrset.rdtype == dns.rdatatype.A)
+    return names
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -284,6 +305,8 @@ def _print_status(status: dict[str, Any]) -> None:
         ports = " ".join(f"{k}={v}" for k, v in sorted(e["ports"].items()))
         role = e["role"] + (f" of {e['identity']}" if e.get("identity") else "")
         print(f"  {e['name']:<10} {e['kind']:<10} {e['state']:<9} {role:<16} {e['address']:<12} {ports}")
+    for name, addresses in status.get("names", {}).items():
+        print(f"  {name}.{status['zone']:<20} " + ("(no answer)" if addresses is None else " ".join(addresses) or "-"))
     for t in status["takeovers"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["at"]))
         print(f"  take-over {when}: {t['identity']} from {t['from']} to {t['by']} in {t['seconds']:.2f} s")
