@@ -45,8 +45,10 @@ from intermail import config as config_module
 # The verb table: one module per verb (or family of verbs), in help order.
 # Each is imported when the parser is built; see the module docstring.
 VERB_MODULES: tuple[str, ...] = (
+    "intermail.admin.backup",
     "intermail.admin.bench",
     "intermail.admin.directory",
+    "intermail.admin.load",
     "intermail.admin.queue",
     "intermail.admin.up",
 )

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 from intermail.errors import CorruptError, ErrorKind, FencedError, MailError
 from intermail.storage import checkpoint as ckpt
 from intermail.storage import records as rec
+from intermail.storage.backup import retention_seq as backup_retention_seq
 from intermail.storage.fence import EPOCH_FILE, Fence, open_lock
 from intermail.storage.fileops import FileOps
 from intermail.storage.index import Applier, Index, connect, digest, remove_index_files, snapshot_records
@@ -869,12 +870,15 @@ class Store:
         # Through a reader connection: the index's writer connection belongs to the
         # indexer thread. The index is at or past the checkpoint's seq here.
         live = self._read_sync(lambda c: {seg for (seg,) in c.execute("SELECT DISTINCT segment FROM _blobs")})
+        # I-7: frames after the last backup stay until the next incremental has them.
+        pin = backup_retention_seq([m.path for m in journal.healthy()])
+        keep_after = checkpoint_seq if pin is None else min(checkpoint_seq, pin)
         doomed = []
         for i, n in enumerate(numbers[:-1]):
             if journal.current is not None and n >= journal.current.number:
                 break
             last_seq_in_segment = journal.segments[numbers[i + 1]].first_seq - 1
-            if last_seq_in_segment <= checkpoint_seq and n not in live:
+            if last_seq_in_segment <= keep_after and n not in live:
                 doomed.append(n)
         journal.retire_many(doomed)
         retired = len(doomed)
@@ -913,6 +917,11 @@ class Store:
                 moved += 1
         await self.checkpoint()
         return moved
+
+    async def backup(self, dest: str, kind: str = "full", **kwargs: Any) -> dict:
+        """Online backup into ``dest`` (I-7); see :func:`intermail.storage.backup.take_backup`."""
+        from intermail.storage.backup import take_backup
+        return await take_backup(self, dest, kind, **kwargs)
 
     # -- mirrors ------------------------------------------------------------------------------
     def health(self) -> dict:
