@@ -8,11 +8,11 @@ instance as a ``python -m services.<kind>d`` process with its log in
 ``<data>/run/<name>.log`` and its pid in ``<data>/run/<name>.pid``, and the
 drills::
 
-    intermail up [--config FILE] [--data DIR] [--detach]
+    intermail up [--config FILE] [--data DIR] [--detach] [--netns]
     intermail status [--json]
     intermail down
     intermail kill NAME        # SIGKILL, as a crash
-    intermail start NAME
+    intermail start NAME [--store-dir DIR]   # a store: serve a restored store under the identity
 
 Addresses and ports (one scheme, root or not): kind n gets 127.0.n.k for
 its k-th instance -- dns 1, directory 2, mta 3, access 4, mss 5, monitor 6
@@ -56,6 +56,7 @@ from typing import Any
 from intermail import config as config_module
 from intermail.admin.cluster import CLUSTER_FILE, load_cluster
 from intermail.config import Config
+from intermail.monitor import netns
 from intermail.monitor import owners as ownership
 
 __all__ = ["EMBEDDED_TOPOLOGY", "register", "instance_status"]
@@ -169,18 +170,24 @@ def _ready(config: Config, name: str, pid: int) -> dict[str, tuple[str, int]] | 
     return None
 
 
-def _spawn(config: Config, name: str, init: bool) -> subprocess.Popen:
+def _spawn(config: Config, name: str, init: bool, extra: list[str] | None = None) -> subprocess.Popen:
     inst = config.instance(name)
     run = _run_dir(config)
     run.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         config.ready_file(name).unlink()
     module = f"services.{'dir' if inst.kind == 'directory' else inst.kind}d"
+    argv = [sys.executable, "-m", module, "--config", str(Path(config.cluster.data_dir) / CLUSTER_FILE),
+            "--instance", name, "--data", config.cluster.data_dir, *(["--init"] if init else []), *(extra or [])]
+    env = dict(os.environ)
+    if netns.is_netns(config):
+        hosts = netns.Netns(config)
+        hosts.setup_host(name)  # its addresses as they should be now (a store identity's only on its owner)
+        argv, extra = hosts.command(name, argv)
+        env.update(extra)
     with open(run / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(Path(config.cluster.data_dir) /
-                                                                               CLUSTER_FILE),
-                                 "--instance", name, "--data", config.cluster.data_dir, *(["--init"] if init else [])],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                env=env)
     _pid_file(config, name).write_text(f"{proc.pid}\n")
     return proc
 
@@ -209,12 +216,12 @@ def _ordered(config: Config) -> list[str]:
     return [i.name for i in instances]
 
 
-def start_instance(config: Config, name: str, *, init: bool = False) -> int:
+def start_instance(config: Config, name: str, *, init: bool = False, extra: list[str] | None = None) -> int:
     """Start ``name`` (if not running) and wait for it; 0 or 1 (its log tail printed)."""
     if _pid(config, name) is not None:
         print(f"{name}: already running")
         return 0
-    proc = _spawn(config, name, init)
+    proc = _spawn(config, name, init, extra)
     if not _wait_ready(config, name, proc):
         print(f"{name}: did not start; the end of {_run_dir(config) / (name + '.log')}:\n"
               f"{_log_tail(config, name)}", file=sys.stderr)
@@ -346,6 +353,12 @@ def _endpoints(config: Config) -> None:
 
 def _run_up(args: argparse.Namespace) -> int:
     config, fresh = _prepare(args)
+    if args.netns:
+        if os.geteuid() != 0:
+            print("intermail up --netns: network namespaces need root", file=sys.stderr)
+            return 2
+        netns.mark_netns(config)
+        netns.Netns(config).setup()
     for name in _ordered(config):
         if start_instance(config, name, init=fresh) != 0:
             stop_instances(config, [n for n in reversed(_ordered(config))])
@@ -370,6 +383,10 @@ def _down(config: Config) -> None:
     order = _ordered(config)
     stop_instances(config, [n for n in order if config.instance(n).kind == "monitor"])
     stop_instances(config, [n for n in reversed(order) if config.instance(n).kind != "monitor"])
+    if netns.is_netns(config):
+        netns.Netns(config).teardown()
+        with contextlib.suppress(FileNotFoundError):
+            (Path(config.cluster.data_dir) / "run" / netns.DEPLOYMENT_FILE).unlink()
 
 
 def _run_down(args: argparse.Namespace) -> int:
@@ -403,14 +420,22 @@ def _run_kill(args: argparse.Namespace) -> int:
 
 def _run_start(args: argparse.Namespace) -> int:
     config = load_cluster(args.data)
-    config.instance(args.name)
-    return start_instance(config, args.name)
+    inst = config.instance(args.name)
+    extra = []
+    for directory in args.store_dir:
+        if inst.kind != "mss":
+            print(f"--store-dir: {args.name} is not a store", file=sys.stderr)
+            return 2
+        extra += ["--store-dir", str(Path(directory).absolute())]
+    return start_instance(config, args.name, extra=extra)
 
 
 def register(subparsers: Any) -> None:
     up = subparsers.add_parser("up", help="start a cluster (the embedded default, or --config) as local processes")
     up.add_argument("--config", default=None, help="topology TOML (default: the embedded cluster)")
     up.add_argument("--detach", action="store_true", help="return once every instance is up")
+    up.add_argument("--netns", action="store_true",
+                    help="one network namespace per instance on a bridge (root; addresses in one non-loopback /24)")
     up.set_defaults(run=_run_up)
     status = subparsers.add_parser("status", help="every instance: state, role, addresses and ports")
     status.add_argument("--json", action="store_true", help="one JSON object (the operator contract)")
@@ -422,4 +447,7 @@ def register(subparsers: Any) -> None:
     kill.set_defaults(run=_run_kill)
     start = subparsers.add_parser("start", help="start one instance")
     start.add_argument("name")
+    start.add_argument("--store-dir", action="append", default=[],
+                       help="a store serves this directory (a restored store) instead of its configured one;"
+                            " until its next start without the option")
     start.set_defaults(run=_run_start)

@@ -12,7 +12,8 @@ Owns the loop that turns probe results into actions:
   removed (a name with no address helps nobody);
 - a store identity whose owner goes DOWN is taken over: the old owner is
   fenced first (the power switch: in the embedded deployment a SIGKILL of
-  its process; the epoch bump of the take-over fences its store, I-6), then
+  its process, in the netns one every process of its host and its address
+  taken off; the epoch bump of the take-over fences its store, I-6), then
   the spare gets ``mss.takeover`` and serves the identity's address.  The
   former owner, once restarted, comes back as the spare
   (:mod:`intermail.monitor.owners`).
@@ -53,6 +54,7 @@ from typing import Any
 from intermail.config import Config, ConfigError
 from intermail.errors import MailError
 from intermail.log import log_event, register_events
+from intermail.monitor import netns
 from intermail.monitor import owners as ownership
 from intermail.monitor.probes import probe
 from intermail.monitor.state import DOWN, UP, Tracker
@@ -132,7 +134,9 @@ class MonitorApp:
         m = config.monitor
         self.interval, self.timeout = m.interval, m.timeout
         self.membership = membership
-        self.power = power or ProcessPowerSwitch(config)
+        if power is None:
+            power = netns.NetnsPowerSwitch(config) if netns.is_netns(config) else ProcessPowerSwitch(config)
+        self.power = power
         self.targets: list[_Target] = []
         self._busy: set[str] = set()  # identities being taken over
         self._started = time.monotonic()

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -68,6 +69,7 @@ from intermail.errors import ErrorKind, MailError
 from intermail.log import log_event, register_events
 from intermail.mailstore.service import MailstoreService
 from intermail.mailstore.store import Delivered, Mailstore, Recipient
+from intermail.monitor import netns
 from intermail.monitor import owners as ownership
 from intermail.net.metrics import MetricsServer
 from intermail.net.pump import PeerClosedError, Pump, PumpTimeout
@@ -142,7 +144,7 @@ async def _bind_retrying(bind: Any, timeout: float) -> None:
 class MssApp:
     """The runner's app for one mss instance (the active owner of its identity)."""
 
-    def __init__(self, config: Config, name: str, *, init: bool = False):
+    def __init__(self, config: Config, name: str, *, init: bool = False, store_dirs: tuple[str, ...] = ()):
         self.config = config
         self.me = config.instance(name)
         if self.me.kind != "mss":
@@ -157,9 +159,14 @@ class MssApp:
         # After a take-over the record in <data>/run says who owns the identity:
         # the repaired machine comes back as the spare (no fail-back).
         self.role = "active" if ownership.owner_of(config, self.identity) == name else "spare"
+        # Where this instance's own listeners (metrics, a spare's control RPC) bind: its host's
+        # address in the netns deployment (the identity's floats between hosts), else its own.
+        self.host = os.environ.get(netns.HOST_ADDRESS_ENV) or self.me.address
         self.took_over_at: float | None = None
         self._takeover_lock = asyncio.Lock()
         self.options = store_options(config, name)
+        if store_dirs:  # `mssd --store-dir NEW`: serve a restored store under this identity
+            self.options = dataclasses.replace(self.options, mirrors=tuple(store_dirs))
         self.mail: Mailstore | None = None
         self.directory: DirectoryClient | None = None
         self.runner: Runner | None = None
@@ -178,14 +185,16 @@ class MssApp:
         self.runner = runner
         if "metrics" in self.me.ports:
             metrics = MetricsServer(self.registry, self.health, instance=self.me.name)
-            await metrics.listen(runner, self.me.address, self.me.ports["metrics"])
+            await metrics.listen(runner, self.host, self.me.ports["metrics"])
         if self.role == "spare":
             control = RpcServer({"mss.takeover": self._takeover_call, "mss.status": self._status_call},
                                 instance=self.me.name)
             # The identity's own instance back as a spare shares the identity's address: its
             # control port is then any free one (published in the ready file), not the store RPC's.
-            port = self.me.ports.get("rpc", 0) if self.me.address != self.owner.address else 0
-            await control.listen(runner, "control", self.me.address, port)
+            port = self.me.ports.get("rpc", 0)
+            if self.host == self.owner.address:
+                port = 0  # the identity's address is ours too: any free port (in the ready file)
+            await control.listen(runner, "control", self.host, port)
             return
         await self._activate(runner)
 
@@ -213,6 +222,18 @@ class MssApp:
         return {"identity": self.identity, "seconds": round(time.monotonic() - began, 3),
                 **{k: v for k, v in (await self.health()).items() if k in ("epoch", "applied_seq")}}
 
+    async def _backup_call(self, ctx: Any, args: dict) -> dict:
+        """``store.backup {kind, to, base?: {id, seq}, rate?}``: an online backup into directory ``to`` (I-7)."""
+        unknown = set(args) - {"kind", "to", "base", "rate"}
+        kind, to, base, rate = args.get("kind"), args.get("to"), args.get("base"), args.get("rate", 0)
+        if unknown or kind not in ("full", "incremental") or not isinstance(to, str) or not os.path.isabs(to) \
+                or not (base is None or (isinstance(base, dict) and isinstance(base.get("seq"), int))) \
+                or not isinstance(rate, int) or rate < 0:
+            raise MailError(ErrorKind.INVALID, safe="store.backup wants {kind: full|incremental, to: /abs/dir,"
+                                                    " base?: {id, seq}, rate?: bytes/s}")
+        assert self.mail is not None
+        return await self.mail.store.backup(to, kind, base=base, identity=self.identity, rate_bytes=rate)
+
     async def _status_call(self, ctx: Any, args: dict) -> dict:
         return await self.health()
 
@@ -226,9 +247,15 @@ class MssApp:
         self.mail = await Mailstore.open(self.options)
         self.directory = directory_client(self.config, instance=self.me.name)
         service = MailstoreService(self.mail, max_message=self.config.limits.message_size)
-        rpc = RpcServer(service.handlers(), instance=self.me.name)
+        handlers = service.handlers()
+        handlers["store.backup"] = self._backup_call
+        rpc = RpcServer(handlers, instance=self.me.name)
         service.attach(rpc)
         address = self.owner.address
+        iface = os.environ.get(netns.TAKEOVER_IFACE_ENV)
+        if iface and self.role == "spare":
+            # netns: raise the identity's address on this host and announce it (gratuitous ARP)
+            await asyncio.to_thread(netns.raise_address, address, iface)
         await _bind_retrying(lambda: rpc.listen(runner, "rpc", address, self.owner.ports.get("rpc", 0)),
                              bind_timeout)
         await _bind_retrying(lambda: runner.listen("lmtp", address, self.owner.ports.get("lmtp", 0),
