@@ -122,3 +122,32 @@ def test_without_dovecot_the_baseline_is_null_with_a_note(tmp_path, monkeypatch)
     assert case["baseline_name"] == "dovecot imap sdbox (unavailable)"
     assert case["ours"] > 0 and case["errors"]["ours"] == 0, case["details"]["ours"]["error_samples"]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("answer", [b".\r\n", b"1 a\r\n.\r\n", b"1 a\r\n2 b\r\n.\r\n", b"..x\r\nfoo.\r\n.\r\n"])
+def test_the_pop3_load_client_reads_every_multi_line_answer_to_its_end(answer):
+    """Empty, one line (UIDL of one message), two lines, dot-stuffed and dot-ended lines."""
+    import asyncio
+
+    from intermail.admin.bench_access import Pop3Client
+
+    async def scenario() -> tuple[bytes, bytes]:
+        done = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(b"+OK\r\n" + answer)
+            await done.wait()
+            writer.close()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        try:
+            return await asyncio.wait_for(Pop3Client(reader, writer).command(b"UIDL", multiline=True), 5)
+        finally:
+            done.set()
+            writer.close()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(scenario()) == (b"+OK\r\n", answer)

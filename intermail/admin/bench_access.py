@@ -386,10 +386,16 @@ class Pop3Client:
             raise SessionError(f"{text.split(b' ', 1)[0]!r}: {status.strip()[:200]!r}")
         if not multiline:
             return status, b""
-        first = await self.reader.readuntil(b"\r\n")  # the end of an empty answer has no CRLF before its dot
-        if first == b".\r\n":
-            return status, first
-        return status, first + await self.reader.readuntil(b"\r\n.\r\n")
+        # The status line's CRLF starts the terminator of an empty answer (CRLF "." CRLF), so search
+        # from it; the server sends nothing after the terminator until the next command (no
+        # pipelining here), so reading in chunks never takes bytes of another answer.
+        data = bytearray(b"\r\n")
+        while not data.endswith(b"\r\n.\r\n"):
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                raise SessionError(f"{text.split(b' ', 1)[0]!r}: connection closed in a multi-line answer")
+            data += chunk
+        return status, bytes(data[2:])
 
     def close(self) -> None:
         self.writer.close()

@@ -405,7 +405,7 @@ class Load:
     async def pop3_session(self, index: int) -> None:
         user = await self.free_pop3_users.get()
         try:
-            client = await self._connect("pop3", index, _Pop3Client.connect)
+            client = await self._connect("pop3", index, Pop3Client.connect)
             try:
                 for command in (b"USER " + user.encode(), b"PASS " + self.args.password.encode()):
                     began = time.monotonic()
@@ -429,25 +429,6 @@ class Load:
                 client.close()
         finally:
             self.free_pop3_users.put_nowait(user)
-
-
-class _Pop3Client(Pop3Client):
-    """The bench's POP3 client, with a multi-line answer read line by line.
-
-    ``Pop3Client.command`` finds the end of a multi-line answer with
-    ``readuntil(b"\\r\\n.\\r\\n")`` after its first line, which never
-    matches an answer of exactly one line (``UIDL`` of a maildrop holding
-    one message): the CRLF before the dot went with the first line.
-    """
-
-    async def command(self, text: bytes, multiline: bool = False) -> tuple[bytes, bytes]:
-        if not multiline:
-            return await super().command(text)
-        status, _ = await super().command(text)
-        lines = bytearray()
-        while (line := await self.reader.readuntil(b"\r\n")) != b".\r\n":
-            lines += line
-        return status, bytes(lines) + b".\r\n"
 
 
 class _SmtpConnection:
