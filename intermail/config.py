@@ -242,6 +242,18 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    dir: str = _key("", "where scheduled backups go (<dir>/<identity>/<time>-full|incr, <dir>/<directory primary>/<time>); empty: <data_dir>/backups")
+    full_interval: float = _key(0.0, "seconds between scheduled full backups of each store and of the directory; 0: none", minimum=0.0)
+    incremental_interval: float = _key(0.0, "seconds between scheduled incremental backups of each store (after its first full); 0: none", minimum=0.0)
+    keep: int = _key(2, "full backup chains (a full and its incrementals) kept per store, directory backups kept; older ones are deleted", minimum=1)
+    rate_mb: float = _key(0.0, "bound on a scheduled store backup's copy rate, MB/s; 0: none", minimum=0.0)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "backup.")
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     loop: str = _key("auto", "event loop: auto (uvloop when installed), asyncio or uvloop", choices=LOOPS)
     drain_timeout: float = _key(10.0, "seconds live connections get to finish after SIGTERM before they are cancelled", minimum=0.0)
@@ -291,6 +303,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     instances: tuple[InstanceConfig, ...] = ()
     source: str | None = field(default=None, compare=False)  # file it came from; None = defaults
 
@@ -340,6 +353,7 @@ SECTIONS: dict[str, type] = {
     "monitor": MonitorConfig,
     "dns": DnsConfig,
     "tls": TlsConfig,
+    "backup": BackupConfig,
 }
 INSTANCE_TABLE = "instance"
 

@@ -166,3 +166,22 @@ def test_fsck_finds_a_changed_index_row(tmp_path: Path):
     assert [p["kind"] for p in report["problems"]] == ["index_mismatch"], report
     assert fsck(str(tmp_path), do_repair=True)["ok"]
     shutil.rmtree(tmp_path / "mirror-2")
+
+
+def test_an_incremental_of_an_idle_store_is_empty_and_restores(tmp_path: Path):
+    """A full of an empty store, then incrementals with nothing new (as a schedule takes them), then one with mail."""
+    async def scenario():
+        mail = await Mailstore.open(options(tmp_path / "live"))
+        try:
+            full = await mail.store.backup(str(tmp_path / "b0"), "full")
+            idle = await mail.store.backup(str(tmp_path / "b1"), "incremental")
+            assert full["seq"] == idle["seq"] and idle["extents"] == []
+            await deliver(mail, 5, "x")
+            last = await mail.store.backup(str(tmp_path / "b2"), "incremental")
+            return last["seq"]
+        finally:
+            await mail.close()
+    seq = asyncio.run(scenario())
+    report = restore_store([str(tmp_path / f"b{i}") for i in range(3)], str(tmp_path / "r"))
+    assert report["seq"] == seq and report["fsck"]["ok"]
+    assert sum(b["messages"] for b in report["fsck"]["mailboxes"]) == 5

@@ -443,13 +443,13 @@ class FakeCtx:
     peer = "192.0.2.1:40000"
 
 
-@pytest.mark.parametrize("method", sorted(wire.READS | wire.WRITES))
+@pytest.mark.parametrize("method", sorted(wire.READS | wire.WRITES | wire.ADMIN))
 async def test_arguments_that_are_not_a_map_are_invalid(env, method):
     # The RPC machine only carries maps, so this is what a direct caller of the table gets.
     primary = await env.primary(serve=False)
     before = await primary.seq()
     handlers = primary.service.handlers()
-    assert set(handlers) == wire.READS | wire.WRITES
+    assert set(handlers) == wire.READS | wire.WRITES | wire.ADMIN
     for args in (["address", "bob@example.org"], "bob@example.org", None, 7):
         error = await fails(ErrorKind.INVALID, handlers[method](FakeCtx(), args))
         assert error.safe == "arguments must be a map"

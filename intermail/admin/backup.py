@@ -6,6 +6,8 @@ Owns the verbs::
     intermail backup incremental --store mss1 --to DIR [--base DIR]
     intermail restore --from FULL [--from INCR ...] [--to-seq N] --store-dir NEW [--mirrors K]
     intermail fsck --store-dir DIR [--repair] [--json]
+    intermail backup directory --to DIR
+    intermail restore directory --from DIR (--to FILE | [--instance NAME]) [--force]
 
 ``backup`` asks the running mssd of the identity (store RPC ``store.backup``)
 to write the backup into DIR while it serves (I-7); an incremental's base is
@@ -16,6 +18,11 @@ at ``--to-seq`` (default: the last one), builds its index by replay and
 checks it; serve it with ``mssd --store-dir NEW`` (``intermail start mss1
 --store-dir NEW``).  A ``--from`` directory without a manifest stands for
 the backups inside it.  ``fsck`` is :mod:`intermail.mailstore.fsck`.
+``backup directory`` asks the directory primary (RPC ``directory.backup``);
+``restore directory`` writes a database file (default: the primary's own
+``<data>/<name>/directory.db``, which must not exist unless ``--force``) that
+the primary starts on without ``--init``, under a new change-log id
+(:mod:`intermail.directory.backup`).
 
 Exit status: 0 done (fsck: no problem left); 1 refused or problems found;
 3 the store did not answer.
@@ -86,7 +93,69 @@ def restore_store(sources: list[str], store_dir: str, to_seq: int | None = None,
     return {**report, "store_dir": os.path.abspath(store_dir), "mirrors": dirs, "fsck": check}
 
 
+def directory_primary_address(data: str) -> tuple[str, int]:
+    """Where the directory primary's RPC listens."""
+    from intermail.admin.cluster import listener, load_cluster
+    from intermail.apps.directory import primary_of
+    config = load_cluster(data)
+    primary = primary_of(config)
+    address = listener(config, primary.name, "rpc")
+    if address is None:
+        raise MailError(ErrorKind.UNAVAILABLE, safe=f"the directory primary {primary.name} is not running")
+    return address
+
+
+async def request_directory_backup(address: tuple[str, int], to: str, timeout: float = 600.0) -> dict:
+    from intermail.rpc.client import RpcClient
+    async with RpcClient([address], instance="admin", reconnect_window=1.0, request_timeout=timeout) as rpc:
+        return await rpc.call("directory.backup", {"to": os.path.abspath(to)})
+
+
+def directory_db_path(data: str, instance: str | None) -> str:
+    """``<data>/<instance>/directory.db`` (default instance: the cluster's directory primary)."""
+    from intermail.admin.cluster import load_cluster
+    from intermail.apps.directory import DB_NAME, primary_of
+    config = load_cluster(data)
+    name = instance or primary_of(config).name
+    if config.instance(name).kind != "directory":
+        raise MailError(ErrorKind.INVALID, safe=f"{name} is not a directory instance")
+    return str(config.state_dir(name) / DB_NAME)
+
+
 # -- verbs ------------------------------------------------------------------------------------
+
+
+def _run_backup_directory(args: argparse.Namespace) -> int:
+    try:
+        manifest = asyncio.run(request_directory_backup(directory_primary_address(args.data), args.to))
+    except MailError as exc:
+        print(f"intermail backup: {exc.safe or exc.detail}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.TEMP) else EXIT_FAILED
+    if args.json:
+        print(json.dumps(manifest, indent=1))
+    else:
+        print(f"directory backup at change {manifest['seq']}: {manifest['bytes']} bytes in"
+              f" {manifest.get('seconds', 0)} s, verified, in {os.path.abspath(args.to)}")
+    return 0
+
+
+def _run_restore_directory(args: argparse.Namespace) -> int:
+    from intermail.directory.backup import restore_database
+    if len(args.sources) != 1 or args.store_dir or args.to_seq is not None:
+        print("intermail restore directory: one --from DIR, and --to FILE or --instance NAME", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        target = args.to or directory_db_path(args.data, args.instance)
+        report = restore_database(args.sources[0], target, force=args.force)
+    except MailError as exc:
+        print(f"intermail restore: {exc.safe or exc.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"restored the directory at change {report['seq']} ({report['accounts']} accounts) into"
+              f" {report['file']} under the new change-log id {report['origin']}")
+    return 0
 
 
 def _run_backup(args: argparse.Namespace) -> int:
@@ -120,6 +189,12 @@ def _cluster_mirrors(data: str) -> int:
 
 
 def _run_restore(args: argparse.Namespace) -> int:
+    if args.what == "directory":
+        return _run_restore_directory(args)
+    if not args.store_dir or args.to or args.instance or args.force:
+        print("intermail restore: a store restore wants --store-dir NEW (--to/--instance/--force are for"
+              " `restore directory`)", file=sys.stderr)
+        return EXIT_FAILED
     try:
         report = restore_store(args.sources, args.store_dir, args.to_seq, args.mirrors or _cluster_mirrors(args.data))
     except MailError as exc:
@@ -153,7 +228,11 @@ def _run_fsck(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     backup = subparsers.add_parser("backup", help="online backup of a store (full or incremental)")
-    kinds = backup.add_subparsers(dest="kind", metavar="{full,incremental}", required=True)
+    kinds = backup.add_subparsers(dest="kind", metavar="{full,incremental,directory}", required=True)
+    p = kinds.add_parser("directory", help="backup of the directory primary's database")
+    p.add_argument("--to", required=True, metavar="DIR", help="new directory for the backup")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    p.set_defaults(run=_run_backup_directory)
     for kind in ("full", "incremental"):
         p = kinds.add_parser(kind, help=f"{kind} backup of a running store")
         p.add_argument("--store", required=True, help="store identity, e.g. mss1")
@@ -163,11 +242,19 @@ def register(subparsers: Any) -> None:
         p.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="bound the copy rate (0: none)")
         p.add_argument("--json", action="store_true", help="print the manifest")
         p.set_defaults(run=_run_backup, kind=kind)
-    restore = subparsers.add_parser("restore", help="write a new store from backups, to any seq")
+    restore = subparsers.add_parser("restore", help="write a new store from backups, to any seq;"
+                                    " or a directory database (restore directory)")
+    restore.add_argument("what", nargs="?", choices=("store", "directory"), default="store",
+                         help="what to restore (default: a store)")
     restore.add_argument("--from", dest="sources", action="append", required=True, metavar="DIR",
                          help="a full backup, then incrementals (or a directory of backups)")
     restore.add_argument("--to-seq", type=int, default=None, metavar="N", help="point in time (journal seq)")
-    restore.add_argument("--store-dir", required=True, metavar="NEW", help="the new store's directory")
+    restore.add_argument("--store-dir", metavar="NEW", help="the new store's directory")
+    restore.add_argument("--to", metavar="FILE", help="directory: the database file to write")
+    restore.add_argument("--instance", metavar="NAME",
+                         help="directory: write <data>/NAME/directory.db (default: the primary's)")
+    restore.add_argument("--force", action="store_true",
+                         help="directory: replace an existing database (the instance must be stopped)")
     restore.add_argument("--mirrors", type=int, default=0, help="mirror directories to write (default: config)")
     restore.add_argument("--json", action="store_true")
     restore.set_defaults(run=_run_restore)

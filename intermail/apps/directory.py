@@ -19,11 +19,17 @@ Invariants:
   that has never synchronised is ``starting`` (HTTP 503): it can answer
   nothing useful.
 
-Logs: what the service, the RPC server and the runner log.
+Scheduled backups (``[backup] full_interval``): the primary writes a full
+directory backup each interval into ``[backup] dir``/<name>
+(:mod:`intermail.apps.backups`).
+
+Logs: what the service, the RPC server and the runner log; ``backup.*``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -31,6 +37,7 @@ from typing import Any
 
 from argon2 import profiles
 
+from intermail.apps.backups import schedule_for
 from intermail.config import Config, ConfigError, InstanceConfig
 from intermail.directory.client import DirectoryClient
 from intermail.directory.db import DirectoryDB
@@ -104,6 +111,7 @@ class DirectoryApp:
         self.follower: ReplicaFollower | None = None
         self.rpc: RpcServer | None = None
         self.db: DirectoryDB | None = None
+        self._schedule_task: asyncio.Task | None = None
 
     async def start(self, runner: Runner) -> None:
         d = self.config.directory
@@ -138,6 +146,10 @@ class DirectoryApp:
         self.rpc = RpcServer(self.service.handlers(), instance=self.me.name)
         self.service.push = self.rpc.push
         await self.rpc.listen(runner, "rpc", self.me.address, self.me.ports.get("rpc", 0))
+        if self.role == "primary":
+            schedule = schedule_for(self.config, self.me.name, self._scheduled_backup, incrementals=False)
+            if schedule is not None:
+                self._schedule_task = asyncio.get_running_loop().create_task(schedule.run())
         if "metrics" in self.me.ports:
             metrics = MetricsServer(self.service.registry, self.health, instance=self.me.name)
             await metrics.listen(runner, self.me.address, self.me.ports["metrics"])
@@ -152,7 +164,15 @@ class DirectoryApp:
         healthy = status.get("origin") is not None
         return {"status": "ok" if healthy else "starting", "kind": "directory", "warnings": warnings, **status}
 
+    async def _scheduled_backup(self, kind: str, dest: str) -> dict:
+        assert self.service is not None
+        return await self.service.handlers()["directory.backup"](None, {"to": dest})
+
     async def stop(self) -> None:
+        if self._schedule_task is not None:
+            self._schedule_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._schedule_task
         if self.follower is not None:
             await self.follower.stop()
         if self.service is not None:

@@ -42,7 +42,11 @@ Invariants:
 - A store whose directories are missing refuses to start unless ``--init``:
   an empty store must never stand in for a lost one.
 
-Logs: ``mss.lmtp_delivered`` (per message), ``mss.fenced``.
+Scheduled backups (``[backup]``): the active owner of the identity runs
+:class:`~intermail.apps.backups.BackupSchedule` (fulls and incrementals into
+``[backup] dir``/<identity>).
+
+Logs: ``mss.lmtp_delivered`` (per message), ``mss.fenced``, ``backup.*``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from intermail.apps.backups import schedule_for
 from intermail.apps.directory import directory_client
 from intermail.config import Config, ConfigError
 from intermail.directory.address import parse
@@ -261,6 +266,14 @@ class MssApp:
         await _bind_retrying(lambda: runner.listen("lmtp", address, self.owner.ports.get("lmtp", 0),
                                                    self.lmtp_session), bind_timeout)
         self._spawn(self._prune_keys())
+        schedule = schedule_for(self.config, self.identity, self._scheduled_backup)
+        if schedule is not None:
+            self._spawn(schedule.run())
+
+    async def _scheduled_backup(self, kind: str, dest: str) -> dict:
+        assert self.mail is not None
+        rate = int(self.config.backup.rate_mb * 1e6)
+        return await self.mail.store.backup(dest, kind, identity=self.identity, rate_bytes=rate)
 
     async def stop(self) -> None:
         for task in self._tasks:

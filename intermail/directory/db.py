@@ -248,6 +248,38 @@ class DirectoryDB:
                                (uuid.uuid4().hex,))
 
     @property
+    def restored_from(self) -> dict[str, Any] | None:
+        """``{"origin", "seq", "chain", "backup"}`` when this log was restored from a backup of another one."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'restored_from'").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def backup_into(self, path: str | Path) -> dict[str, Any]:
+        """Copy the whole database into the new file ``path`` (SQLite's online backup API), consistently.
+
+        Runs under the connection's lock, so no write of this process lands
+        mid-copy (every write goes through this connection): the copy is the
+        database after change ``seq`` exactly.  Returns ``{"origin", "seq",
+        "chain"}`` of that point.  The caller fsyncs and verifies the file.
+        """
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                seq = _last_seq(conn)
+                chain = _chain_at(conn, seq)
+                row = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+            finally:
+                conn.execute("COMMIT")
+            dest = sqlite3.connect(str(path), isolation_level=None)
+            try:
+                conn.backup(dest)  # all pages in one step: the directory is small, and we hold the lock
+                dest.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+            finally:
+                dest.close()
+        return {"origin": None if row is None else row[0], "seq": seq, "chain": chain}
+
+    @property
     def origin(self) -> str | None:
         """The id of the change log this database holds (None: a replica that never synced)."""
         with self._lock:
@@ -495,15 +527,34 @@ class DirectoryDB:
                                 (seq, limit)).fetchall()
         return [Change(row[0], row[1], json.loads(row[2])) for row in rows]
 
+    def adopt_restored_origin(self, old: str, new: str, restored_from: dict[str, Any]) -> None:
+        """A replica whose log is a prefix of ``restored_from`` follows the restored primary (origin ``new``).
+
+        The caller checked the prefix: the primary accepted this replica's
+        chain hash at its position, and that position is at or before the
+        restore point.
+        """
+        with self._write(local=False) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+            if row is None or row[0] != old:
+                raise MailError(ErrorKind.CORRUPT, safe="this replica follows another directory primary")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'origin'", (new,))
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('restored_from', ?)",
+                         (json.dumps(restored_from, sort_keys=True),))
+
     def apply_change(self, change: Change) -> bool:
         """Apply one change from the primary; False if it was applied already."""
         return self.apply_changes([change]) == 1
 
-    def apply_changes(self, changes: Sequence[Change], origin: str | None = None) -> int:
+    def apply_changes(self, changes: Sequence[Change], origin: str | None = None, *,
+                      reseed: bool = False) -> int:
         """Apply changes from the primary in one transaction (one fsync); returns how many were new.
 
         ``origin``: the primary's change-log id; a database that follows
         another log refuses (CORRUPT), one that never synced adopts it.
+        ``reseed``: first empty the database (tables, log, origin) in the
+        same transaction -- a replica re-copying a primary restored from a
+        backup of its log -- so it never serves an empty directory.
         All or nothing: a malformed change or a gap rolls the batch back.
         """
         for change in changes:
@@ -512,6 +563,10 @@ class DirectoryDB:
                 raise _invalid("malformed change", repr(change))
         applied = 0
         with self._write(local=False) as conn:
+            if reseed:
+                for table in ("aliases", "accounts", "domains", "changes"):
+                    conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+                conn.execute("DELETE FROM meta WHERE key IN ('origin', 'restored_from')")
             if origin is not None:
                 _adopt_origin(conn, origin)
             last = _last_seq(conn)

@@ -25,6 +25,12 @@ Invariants:
   rebuilt from scratch, or promoted from a replica that was behind), keeps
   serving what it has, reports the conflict in its status, and refuses
   writes rather than forwarding them into a history it will never see.
+- A primary restored from a backup (:mod:`.backup`) serves a new origin
+  and names the log it was restored from (``restored_from``: origin, seq).
+  A replica of that log at or before the restore point adopts the new
+  origin and carries on; one past it re-copies the restored log from seq 0,
+  wiping its own in the same transaction as the first batch (the changes
+  it had beyond the restore point no longer exist anywhere it may follow).
 - The follow loop outlives every failure (a full disk, a bad answer); its
   status says ``primary_reachable`` only while pulls succeed.
 - Losing the primary never stops the replica from serving: ``start`` does
@@ -163,19 +169,45 @@ class ReplicaFollower:
             request = {"since": self.applied, "limit": wire.MAX_CHANGES}
             if chain:
                 request["chain"] = chain  # none before the first change
+            mine = self.service.origin
+            if mine is not None:
+                request["origin"] = mine  # lets a restored primary recognise the log it came from
             answer = await self.primary.call("changes", request, idempotent=True)
             changes = wire.decode_changes(answer.get("changes"))
             origin = answer.get("origin")
             if not isinstance(origin, str):
                 raise MailError(ErrorKind.TEMP, safe="malformed change log answer", detail="no origin")
-            mine = self.service.origin
+            restored = answer.get("restored_from")
+            reseed = False
             if mine is not None and origin != mine:
-                self.conflict = True
-                raise MailError(ErrorKind.CORRUPT, safe=OTHER_PRIMARY,
-                                detail=f"replica holds change log {mine}, primary serves {origin}")
-            if changes or mine is None:
-                applied = await self.service.in_db(db.apply_changes, changes, origin)
+                lineage = restored if isinstance(restored, dict) else {}
+                if lineage.get("origin") != mine:
+                    self.conflict = True
+                    raise MailError(ErrorKind.CORRUPT, safe=OTHER_PRIMARY,
+                                    detail=f"replica holds change log {mine}, primary serves {origin}")
+                if answer.get("reseed"):
+                    # The primary was restored from a backup of our log taken before
+                    # our position: the changes after it were dropped.  Re-copy the
+                    # restored log (wiping ours in the same transaction as the first batch).
+                    answer = await self.primary.call("changes", {"since": 0, "limit": wire.MAX_CHANGES},
+                                                      idempotent=True)
+                    changes = wire.decode_changes(answer.get("changes"))
+                    if answer.get("origin") != origin:
+                        raise MailError(ErrorKind.TEMP, safe="the primary changed during a re-seed")
+                    reseed = True
+                    log_event(log, "dir.replica_reseeded", level=logging.WARNING, old_origin=mine,
+                              origin=origin, dropped_after=lineage.get("seq"), had=self.applied)
+                else:
+                    # Our log is a prefix of the one the primary was restored from
+                    # (it accepted our chain hash at our position): carry on under its new name.
+                    await self.service.in_db(db.adopt_restored_origin, mine, origin, lineage)
+                    self.service.origin = origin
+                    log_event(log, "dir.replica_adopted_restore", old_origin=mine, origin=origin,
+                              seq=self.applied)
+            if changes or mine is None or reseed:
+                applied = await self.service.in_db(db.apply_changes, changes, origin, reseed=reseed)
                 self.service.origin = origin
+                self.conflict = False
                 if changes:
                     log_event(log, "dir.replica_synced", level=logging.DEBUG, applied=applied,
                               seq=changes[-1].seq)

@@ -34,7 +34,12 @@ Invariants:
 - Nothing secret leaves: answers carry no password hashes (except the
   change log a replica pulls); logs carry no passwords.
 
-Logs: ``dir.write`` (each acknowledged write), ``dir.auth_failed``,
+Backups: ``directory.backup {to}`` on the primary copies the database with
+SQLite's online backup API on the database thread (so it is the state
+after one change exactly) and verifies it off that thread
+(:mod:`.backup`).
+
+Logs: ``dir.write`` (each acknowledged write), ``dir.backup``, ``dir.auth_failed``,
 ``dir.auth_throttled``, ``dir.forward_failed``.
 """
 
@@ -72,6 +77,9 @@ register_events({
     "dir.forward_failed": "a replica could not forward a write to the primary",
     "dir.replica_synced": "a replica applied changes from the primary's log",
     "dir.replica_sync_failed": "a replica could not pull or apply the primary's change log",
+    "dir.backup": "the primary wrote a verified backup of the directory (seq, bytes, seconds)",
+    "dir.replica_reseeded": "a replica re-copied the log of a primary restored from a backup",
+    "dir.replica_adopted_restore": "a replica follows a restored primary whose log holds all of its own",
 })
 
 ROLES = frozenset({"primary", "replica"})
@@ -175,10 +183,11 @@ class DirectoryService:
             "alias.list": self._alias_list,
             "changes": self._changes,
             "status": self._status,
+            "directory.backup": self._backup,
         }
         for method in wire.WRITES:
             table[method] = self._write_handler(method)
-        assert set(table) == wire.READS | wire.WRITES
+        assert set(table) == wire.READS | wire.WRITES | wire.ADMIN
         return {method: self._instrument(method, fn) for method, fn in table.items()}
 
     def _instrument(self, method: str, fn: Callable[..., Awaitable[dict]]) -> Handler:
@@ -242,23 +251,49 @@ class DirectoryService:
         return {"aliases": [{"address": a.address, "targets": list(a.targets)} for a in aliases]}
 
     async def _changes(self, args: dict) -> dict:
-        a = self._args(args, "since", "limit", "chain")
+        a = self._args(args, "since", "limit", "chain", "origin")
         since = a.integer("since")
         limit = a.integer("limit", default=wire.MAX_CHANGES, minimum=1, maximum=wire.MAX_CHANGES)
         chain = a.text("chain", required=False)
+        follower_origin = a.text("origin", required=False)
         self._require_synced()
 
-        def read() -> tuple[list, int, str | None]:
+        def read() -> dict:
             last = self.db.last_seq()
+            restored = self.db.restored_from
             # The follower proves its history: the hash of its log up to `since`
             # must be ours, else it holds changes we never made (or we lost some).
             if since > last or (chain is not None and self.db.chain_at(since) != chain):
+                if restored is not None and follower_origin == restored["origin"]:
+                    # It followed the log this one was restored from, past the
+                    # restore point: it must re-copy (its extra changes were dropped
+                    # by the restore), not mix the two histories.
+                    return {"origin": self.db.origin, "last_seq": last, "changes": [],
+                            "restored_from": restored, "reseed": True}
                 raise MailError(ErrorKind.CORRUPT, safe=HISTORY_DIFFERS,
                                 detail=f"follower at {since}, this log ends at {last}")
-            return self.db.changes_since(since, limit), last, self.db.origin
+            answer = {"origin": self.db.origin, "last_seq": last,
+                      "changes": wire.encode_changes(self.db.changes_since(since, limit))}
+            if restored is not None:
+                answer["restored_from"] = restored
+            return answer
 
-        changes, last_seq, origin = await self.in_db(read)
-        return {"origin": origin, "last_seq": last_seq, "changes": wire.encode_changes(changes)}
+        return await self.in_db(read)
+
+    async def _backup(self, args: dict) -> dict:
+        """``directory.backup {to: /abs/dir}`` (primary): a consistent copy and its manifest (I-7)."""
+        from intermail.directory.backup import copy_database, finish_backup
+        to = self._args(args, "to").text("to")
+        if not to.startswith("/"):
+            raise wire.invalid("to must be an absolute directory path")
+        if self.role != "primary":
+            raise MailError(ErrorKind.PERM, safe="directory backups are taken on the primary")
+        began = time.monotonic()
+        point = await self.in_db(copy_database, self.db, to)  # the db thread: no write mid-copy
+        manifest = await asyncio.to_thread(finish_backup, to, point, self.instance)  # hashing off it
+        manifest["seconds"] = round(time.monotonic() - began, 3)
+        log_event(log, "dir.backup", seq=manifest["seq"], bytes=manifest["bytes"], seconds=manifest["seconds"])
+        return manifest
 
     async def _status(self, args: dict) -> dict:
         self._args(args)

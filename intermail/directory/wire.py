@@ -51,6 +51,7 @@ READS = frozenset({"resolve", "authenticate", "domain.list", "user.show", "user.
                    "changes", "status"})
 WRITES = frozenset({"domain.add", "domain.del", "user.add", "user.del", "user.passwd", "user.status",
                     "user.quota", "alias.add", "alias.del"})
+ADMIN = frozenset({"directory.backup"})  # the primary only; a replica refuses (PERM)
 MAX_CHANGES = 1000  # per `changes` answer
 NOT_SYNCED = "this directory replica has not synchronised with its primary yet"  # clients try elsewhere
 MAX_TARGETS = 1000  # per `alias.add` request

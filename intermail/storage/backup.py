@@ -280,7 +280,9 @@ def _write_backup(plan: _Plan, dest: str, kind: str, base: dict | None, identity
     throttle = _Throttle(rate)
     after = base["seq"] if base else None
     segs = [s for s in plan.segments if s[1] <= plan.seq]
-    if after is not None:
+    if after is not None and after >= plan.seq:
+        segs = []  # nothing new since the base (an idle store): an empty incremental
+    elif after is not None:
         # Segments holding frames after the base: every one whose successor starts past base+1.
         wanted = []
         for i, (n, first, end) in enumerate(segs):
