@@ -47,6 +47,7 @@ from intermail import config as config_module
 VERB_MODULES: tuple[str, ...] = (
     "intermail.admin.backup",
     "intermail.admin.bench",
+    "intermail.admin.compose",
     "intermail.admin.directory",
     "intermail.admin.load",
     "intermail.admin.queue",

@@ -101,6 +101,10 @@ class Netns:
             return None
         return str(self.net.network_address + 200 + self.stores.index(name))
 
+    def addresses(self, name: str) -> set[str]:
+        """The addresses ``name``'s host should have now (also the compose deployment's containers)."""
+        return self._wanted(name)
+
     def _wanted(self, name: str) -> set[str]:
         """The addresses ``name``'s host should have now: a store identity's only on its owner's."""
         from intermail.monitor import owners as ownership
