@@ -247,7 +247,7 @@ class BackupConfig:
     full_interval: float = _key(0.0, "seconds between scheduled full backups of each store and of the directory; 0: none", minimum=0.0)
     incremental_interval: float = _key(0.0, "seconds between scheduled incremental backups of each store (after its first full); 0: none", minimum=0.0)
     keep: int = _key(2, "full backup chains (a full and its incrementals) kept per store, directory backups kept; older ones are deleted", minimum=1)
-    rate_mb: float = _key(0.0, "bound on a scheduled store backup's copy rate, MB/s; 0: none", minimum=0.0)
+    rate_mb: float = _key(10.0, "bound on a store backup's copy rate, MB/s (scheduled ones, and on-demand ones that give none), so serving keeps its pace; 0: none", minimum=0.0)
 
     def __post_init__(self) -> None:
         _check_fields(self, "backup.")

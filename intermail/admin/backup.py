@@ -2,7 +2,7 @@
 
 Owns the verbs::
 
-    intermail backup full --store mss1 --to DIR [--rate MB/s]
+    intermail backup full --store mss1 --to DIR [--rate MB/s]   (default: [backup] rate_mb)
     intermail backup incremental --store mss1 --to DIR [--base DIR]
     intermail restore --from FULL [--from INCR ...] [--to-seq N] --store-dir NEW [--mirrors K]
     intermail fsck --store-dir DIR [--repair] [--json]
@@ -59,12 +59,12 @@ def store_rpc_address(data: str, identity: str) -> tuple[str, int]:
 
 
 async def request_backup(address: tuple[str, int], kind: str, to: str, *, base: dict | None = None,
-                         rate: int = 0, timeout: float = 3600.0) -> dict:
+                         rate: int | None = None, timeout: float = 3600.0) -> dict:
     from intermail.rpc.client import RpcClient
     request: dict[str, Any] = {"kind": kind, "to": os.path.abspath(to)}
     if base is not None:
         request["base"] = base
-    if rate:
+    if rate is not None:  # None: the store's [backup] rate_mb
         request["rate"] = rate
     async with RpcClient([address], instance="admin", reconnect_window=1.0, request_timeout=timeout) as rpc:
         return await rpc.call("store.backup", request)
@@ -167,7 +167,7 @@ def _run_backup(args: argparse.Namespace) -> int:
     try:
         address = store_rpc_address(args.data, args.store)
         manifest = asyncio.run(request_backup(address, args.kind, args.to, base=base,
-                                              rate=int(args.rate * 1e6)))
+                                              rate=None if args.rate is None else int(args.rate * 1e6)))
     except MailError as exc:
         print(f"intermail backup: {exc.safe or exc.detail}", file=sys.stderr)
         return EXIT_UNAVAILABLE if exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.TEMP) else EXIT_FAILED
@@ -239,7 +239,8 @@ def register(subparsers: Any) -> None:
         p.add_argument("--to", required=True, metavar="DIR", help="new directory for the backup")
         if kind == "incremental":
             p.add_argument("--base", metavar="DIR", help="the backup to build on (default: the store's last)")
-        p.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="bound the copy rate (0: none)")
+        p.add_argument("--rate", type=float, default=None, metavar="MB/s",
+                       help="bound the copy rate (0: none; default: the store's [backup] rate_mb)")
         p.add_argument("--json", action="store_true", help="print the manifest")
         p.set_defaults(run=_run_backup, kind=kind)
     restore = subparsers.add_parser("restore", help="write a new store from backups, to any seq;"

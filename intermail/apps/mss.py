@@ -230,7 +230,8 @@ class MssApp:
     async def _backup_call(self, ctx: Any, args: dict) -> dict:
         """``store.backup {kind, to, base?: {id, seq}, rate?}``: an online backup into directory ``to`` (I-7)."""
         unknown = set(args) - {"kind", "to", "base", "rate"}
-        kind, to, base, rate = args.get("kind"), args.get("to"), args.get("base"), args.get("rate", 0)
+        kind, to, base = args.get("kind"), args.get("to"), args.get("base")
+        rate = args.get("rate", int(self.config.backup.rate_mb * 1e6))  # default: the configured bound
         if unknown or kind not in ("full", "incremental") or not isinstance(to, str) or not os.path.isabs(to) \
                 or not (base is None or (isinstance(base, dict) and isinstance(base.get("seq"), int))) \
                 or not isinstance(rate, int) or rate < 0:
