@@ -374,8 +374,12 @@ def _run_up(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    print("stopping the cluster ...")
+    # a second Ctrl-C (or a SIGTERM) must not cut the stop short and leave processes behind
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("stopping the cluster ...", flush=True)
     _down(config)
+    print("cluster stopped", flush=True)
     return 0
 
 
