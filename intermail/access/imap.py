@@ -748,7 +748,7 @@ class ImapSession:
         uids_found = sorted(found) if cmd.uid else [view.uids[s - 1] for s in results]
         modseq = None
         if any(k.name == "MODSEQ" for k in _walk(cmd.criteria)) and uids_found:
-            _, rows = await self._lines("message.fetch", {"name": view.name, "uids": _ranges(uids_found),
+            _, rows = await self._lines("message.fetch", {"name": view.name, "uids": fx.ranges(uids_found),
                                                           "info": False})
             modseq = max((r["modseq"] for r in rows), default=None)
         if cmd.returns is None and not self.rev2:
@@ -761,7 +761,7 @@ class ImapSession:
         if "MAX" in options and results:
             data.append(("MAX", results[-1]))
         if "ALL" in options and results:
-            data.append(("ALL", SequenceSet(tuple((a, b) for a, b in _ranges(results)))))
+            data.append(("ALL", SequenceSet(tuple((a, b) for a, b in fx.ranges(results)))))
         if "COUNT" in options:
             data.append(("COUNT", len(results)))
         if modseq is not None:
@@ -860,7 +860,7 @@ class ImapSession:
         if sets_seen:
             unseen = [r["uid"] for r in rows if "\\Seen" not in r["flags"].split()]
             if unseen:
-                changed = await self._call("message.store", {"name": view.name, "uids": _ranges(unseen), "mode": "+",
+                changed = await self._call("message.store", {"name": view.name, "uids": fx.ranges(unseen), "mode": "+",
                                                              "flags": ["\\Seen"]})
                 news = {uid: (flags, modseq) for uid, flags, modseq in changed["changed"]}
                 for row in rows:
@@ -1078,18 +1078,8 @@ def _inbox_first(name: str) -> tuple[int, str]:
     return (0 if name == "INBOX" else 1, name)
 
 
-def _ranges(numbers: Sequence[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for n in sorted(numbers):
-        if out and out[-1][1] + 1 == n:
-            out[-1][1] = n
-        elif not out or out[-1][1] < n:
-            out.append([n, n])
-    return out
-
-
 def _uid_set(numbers: Sequence[int]) -> str:
-    return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in _ranges(numbers)) if numbers else ""
+    return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in fx.ranges(numbers)) if numbers else ""
 
 
 def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:

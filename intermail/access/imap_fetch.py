@@ -37,7 +37,7 @@ from intermail.proto.imap.grammar import FetchAttribute, SearchKey, SequenceSet
 
 __all__ = [
     "SIMPLE_ITEMS", "needs_info", "body_range", "header_fields", "decode_binary", "envelope", "bodystructure",
-    "internaldate", "criteria", "UnknownCte", "seq_uid_ranges",
+    "internaldate", "criteria", "UnknownCte", "ranges", "seq_uid_ranges",
 ]
 
 # items answered from the message's row alone (no scan, no bytes)
@@ -127,16 +127,20 @@ def internaldate(seconds: float) -> str:
 # -- sequence numbers ---------------------------------------------------------------
 
 
+def ranges(numbers: Sequence[int]) -> list[list[int]]:
+    """``[[low, high], ...]`` covering ``numbers`` (any order, repeats allowed), runs of consecutive ones merged."""
+    out: list[list[int]] = []
+    for n in sorted(numbers):
+        if out and out[-1][1] + 1 == n:
+            out[-1][1] = n
+        elif not out or out[-1][1] < n:
+            out.append([n, n])
+    return out
+
+
 def seq_uid_ranges(uids: Sequence[int], numbers: Sequence[tuple[int, int]]) -> list[list[int]]:
     """UID ranges (``[[low, high]...]``) of the messages at sequence numbers ``numbers`` (1-based, in range)."""
-    out: list[list[int]] = []
-    for low, high in numbers:
-        for uid in uids[low - 1:high]:
-            if out and out[-1][1] + 1 == uid:
-                out[-1][1] = uid
-            else:
-                out.append([uid, uid])
-    return out
+    return ranges([uid for low, high in numbers for uid in uids[low - 1:high]])
 
 
 # -- SEARCH -------------------------------------------------------------------------
