@@ -288,21 +288,23 @@ def instance_status(config: Config) -> dict[str, Any]:
 
 def _dns_names(config: Config, dns_instance: Any) -> dict[str, list[str] | None]:
     """The addresses each service name has in the cluster's DNS now (None: no answer)."""
-    import dns.exception
-    import dns.message
-    import dns.query
-    import dns.rdatatype
+    import asyncio
 
-    names: dict[str, list[str] | None] = {}
-    for name in ("mta", "imap", "pop", "dir", *sorted({i.identity or i.name for i in config.instances_of("mss")})):
-        query = dns.message.make_query(f"{name}.{config.cluster.zone}", dns.rdatatype.A)
+    from intermail.dns.update import addresses
+    from intermail.errors import MailError
+
+    server = (dns_instance.address, dns_instance.ports.get("dns", 53))
+    names = ("mta", "imap", "pop", "dir", *sorted({i.identity or i.name for i in config.instances_of("mss")}))
+
+    async def ask(name: str) -> list[str] | None:
         try:
-            answer = dns.query.tcp(query, dns_instance.address, port=dns_instance.ports.get("dns", 53), timeout=1.0)
-        except (OSError, dns.exception.DNSException):
-            names[name] = None
-            continue
-        names[name] = sorted(r.address for rrset in answer.answer for r in rrset if rrset.rdtype == dns.rdatatype.A)
-    return names
+            return sorted(await addresses(server, config.cluster.zone, name, timeout=1.0))
+        except MailError:
+            return None
+
+    async def ask_all() -> list[list[str] | None]:
+        return list(await asyncio.gather(*(ask(name) for name in names)))
+    return dict(zip(names, asyncio.run(ask_all()), strict=True))
 
 
 def _print_status(status: dict[str, Any]) -> None:
